@@ -1,0 +1,70 @@
+// Torch-free CPU kernels for the condensed (constant fan-in) linear layer:
+//
+//   y[b, o] = bias[o] + sum_j values[o, j] * x[b, idx[o, j]]
+//
+// Two strategies, each in a portable and an AVX2+FMA flavour:
+//  - gather:     for few batch rows. Streams values/idx once and gathers x.
+//  - transposed: for many batch rows. Transposes a tile of batch rows so that
+//                x[tile, c] is contiguous, then broadcasts each weight against
+//                whole vectors of batch rows: no gathers, one FMA per load.
+// Callers split the work (outputs, batch tiles) across threads; every kernel
+// entry point handles one piece and touches nothing outside it.
+#pragma once
+
+#include <cstdint>
+
+#include "numeric.h"
+
+namespace condensed_ops::kernels {
+
+template <typename scalar_t, typename index_t>
+struct CondensedLinearProblem {
+  const acc_t<scalar_t>* x;  // [batch, in_features] in the accumulator type, unit inner stride
+  int64_t x_row_stride;
+  const scalar_t* values;    // [out_features, fan_in], contiguous
+  const index_t* idx;        // [out_features, fan_in], contiguous; every entry in [0, in_features)
+  const scalar_t* bias;      // [out_features], or nullptr
+  scalar_t* y;               // [batch, out_features], contiguous
+  int64_t batch;
+  int64_t in_features;
+  int64_t out_features;
+  int64_t fan_in;
+};
+
+// Batch rows per transposed tile and the scratch one tile needs (in elements
+// of the accumulator type). Shared by both flavours so callers size one buffer.
+constexpr int64_t kTransposedTileRows = 16;
+inline int64_t transposed_scratch_size(int64_t in_features) {
+  return in_features * kTransposedTileRows;
+}
+
+// Index validation runs once per call, before any kernel reads x through idx:
+// the kernels themselves trust idx. Returns the position of the first entry
+// outside [0, limit), or -1 when all are inside.
+template <typename index_t>
+int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limit);
+
+namespace portable {
+template <typename scalar_t, typename index_t>
+void gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end);
+
+template <typename scalar_t, typename index_t>
+void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
+                int64_t out_begin, int64_t out_end, acc_t<scalar_t>* scratch);
+}  // namespace portable
+
+// AVX2+FMA+F16C flavour for float, Half and BFloat16 values. Built only when
+// CMake defines CONDENSED_OPS_WITH_AVX2 (x86-64), and called only when
+// cpu_supports() says the running CPU has those extensions.
+namespace avx2 {
+bool cpu_supports();  // defined outside the -mavx2 file, so safe to call anywhere
+
+template <typename scalar_t, typename index_t>
+void gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end);
+
+template <typename scalar_t, typename index_t>
+void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
+                int64_t out_begin, int64_t out_end, float* scratch);
+}  // namespace avx2
+
+}  // namespace condensed_ops::kernels

@@ -1,0 +1,112 @@
+// Portable kernels: plain C++ that builds on any compiler and architecture.
+// They double as the reference structure for the SIMD flavours.
+#include <algorithm>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+#include "condensed_linear.h"
+
+namespace condensed_ops::kernels {
+
+template <typename index_t>
+int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limit) {
+  if (count == 0) return -1;
+  // A min/max reduction in the index's own width vectorises well (8-16 lanes
+  // a cycle); the slow search for the culprit only runs when something is wrong.
+  index_t lowest = idx[0], highest = idx[0];
+  for (int64_t i = 0; i < count; ++i) {
+    const index_t c = idx[i];  // ternaries, not std::min: gcc 12 vectorises only these
+    lowest = c < lowest ? c : lowest;
+    highest = c > highest ? c : highest;
+  }
+  if (lowest >= 0 && int64_t(highest) < limit) return -1;
+  for (int64_t i = 0; i < count; ++i) {
+    if (idx[i] < 0 || int64_t(idx[i]) >= limit) return i;
+  }
+  return -1;
+}
+
+namespace portable {
+
+template <typename scalar_t, typename index_t>
+void gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const scalar_t* values = p.values + o * p.fan_in;
+    const index_t* idx = p.idx + o * p.fan_in;
+    const acc bias = p.bias ? acc(to_float(p.bias[o])) : acc(0);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const acc* x = p.x + b * p.x_row_stride;
+      acc sum = 0;
+      for (int64_t j = 0; j < p.fan_in; ++j) sum += acc(to_float(values[j])) * x[idx[j]];
+      p.y[b * p.out_features + o] = from_acc<scalar_t>(sum + bias);
+    }
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
+                int64_t out_begin, int64_t out_end, acc_t<scalar_t>* scratch) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t kRows = kTransposedTileRows;
+  const int64_t rows = std::min(kRows, p.batch - batch_begin);
+  // xt[c * kRows + r] = x[batch_begin + r, c]; padding rows are zero so the
+  // inner loop always runs the full, vectorisable tile width.
+  acc* xt = scratch;
+  for (int64_t c = 0; c < p.in_features; ++c) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      xt[c * kRows + r] = r < rows ? p.x[(batch_begin + r) * p.x_row_stride + c] : acc(0);
+    }
+  }
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const scalar_t* values = p.values + o * p.fan_in;
+    const index_t* idx = p.idx + o * p.fan_in;
+    acc sum[kRows] = {};
+    for (int64_t j = 0; j < p.fan_in; ++j) {
+      const acc w = to_float(values[j]);
+      const acc* column = xt + int64_t(idx[j]) * kRows;
+      for (int64_t r = 0; r < kRows; ++r) sum[r] += w * column[r];
+    }
+    const acc bias = p.bias ? acc(to_float(p.bias[o])) : acc(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      p.y[(batch_begin + r) * p.out_features + o] = from_acc<scalar_t>(sum[r] + bias);
+    }
+  }
+}
+
+}  // namespace portable
+
+bool avx2::cpu_supports() {
+#if defined(CONDENSED_OPS_WITH_AVX2)
+  // Every AVX2 CPU has F16C in practice, but the fp16 loads rely on it, so ask.
+  unsigned eax, ebx, ecx, edx;
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+  return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                              \
+  template void portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, \
+                                                    int64_t, int64_t);                            \
+  template void portable::transposed<scalar_t, index_t>(                                          \
+      const CondensedLinearProblem<scalar_t, index_t>&, int64_t, int64_t, int64_t, acc_t<scalar_t>*);
+
+CONDENSED_OPS_INSTANTIATE(float, int16_t)
+CONDENSED_OPS_INSTANTIATE(float, int32_t)
+CONDENSED_OPS_INSTANTIATE(double, int16_t)
+CONDENSED_OPS_INSTANTIATE(double, int32_t)
+CONDENSED_OPS_INSTANTIATE(Half, int16_t)
+CONDENSED_OPS_INSTANTIATE(Half, int32_t)
+CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
+CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
+#undef CONDENSED_OPS_INSTANTIATE
+
+template int64_t first_index_out_of_range<int16_t>(const int16_t*, int64_t, int64_t);
+template int64_t first_index_out_of_range<int32_t>(const int32_t*, int64_t, int64_t);
+template int64_t first_index_out_of_range<int64_t>(const int64_t*, int64_t, int64_t);
+
+}  // namespace condensed_ops::kernels

@@ -1,0 +1,17 @@
+"""condensed_ops: fast kernels for constant fan-in (Structured RigL) sparse layers.
+
+A constant fan-in layer stores, for each of its ``out`` neurons, exactly ``k``
+weights (``values [out, k]``) and the input columns they read (``idx [out, k]``):
+
+    y[..., o] = bias[o] + sum_j values[o, j] * x[..., idx[o, j]]
+"""
+
+import torch  # noqa: F401  -- loads libtorch before the extension that links it
+
+from . import _C  # noqa: F401  -- registers torch.ops.condensed_ops.*
+from .layout import to_condensed, to_dense
+from .ops import condensed_linear
+
+__version__: str = _C.__version__
+
+__all__ = ["condensed_linear", "to_condensed", "to_dense", "__version__"]
