@@ -48,8 +48,7 @@ bool use_gather(int64_t batch) {
   }
 }
 
-// Fails with IndexError naming the first bad entry. Runs on every call, before
-// any kernel dereferences x through idx; the kernels trust idx after this.
+// Fails with IndexError naming the first entry of idx outside [0, in_features).
 void check_index_range(const at::Tensor& idx, int64_t in_features) {
   const int64_t n = idx.numel();
   int64_t bad;
@@ -65,20 +64,30 @@ void check_index_range(const at::Tensor& idx, int64_t in_features) {
   }
 }
 
+// Returns false if the kernels met an index outside [0, in_features).
 template <typename scalar_t, typename index_t>
-void run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2) {
+bool run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2) {
   // ~32k multiply-adds per task keeps the fork/join cost small at batch 1.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.fan_in * p.batch));
+  std::atomic<bool> all_inside{true};
   at::parallel_for(0, p.out_features, grain, [&](int64_t begin, int64_t end) {
+    bool inside;
     if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
-      if (avx2) return k::avx2::gather(p, begin, end);
+      if (avx2) {
+        inside = k::avx2::gather(p, begin, end);
+        if (!inside) all_inside = false;
+        return;
+      }
 #endif
     }
-    k::portable::gather(p, begin, end);
+    inside = k::portable::gather(p, begin, end);
+    if (!inside) all_inside = false;
   });
+  return all_inside;
 }
 
+// Reads x through idx without checking: run only after check_index_range.
 template <typename scalar_t, typename index_t>
 void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2) {
   using acc = k::acc_t<scalar_t>;
@@ -124,8 +133,11 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   const int64_t batch = y.numel() / out_features;
 
   at::Tensor idx_c = idx.contiguous();
-  check_index_range(idx_c, in_features);
-  if (idx_c.scalar_type() == at::kLong) idx_c = idx_c.to(at::kInt);  // lossless after the range check
+  const bool gather = use_gather(batch);
+  // int64 narrows to int32 only after a range check, so 2^32 + 5 cannot wrap
+  // into a valid column; the transposed kernels need the check anyway.
+  if (!gather || idx_c.scalar_type() == at::kLong) check_index_range(idx_c, in_features);
+  if (idx_c.scalar_type() == at::kLong) idx_c = idx_c.to(at::kInt);
   const at::Tensor values_c = values.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   // Kernels read x in the accumulator type with unit inner stride: 16-bit
@@ -135,7 +147,6 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   if (x_2d.scalar_type() != acc_dtype || x_2d.stride(1) != 1) x_2d = x_2d.to(acc_dtype).contiguous();
 
   const bool avx2 = use_avx2();
-  const bool gather = use_gather(batch);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_cpu", [&] {
     using kernel_scalar_t = typename KernelType<scalar_t>::type;
     using acc = k::acc_t<kernel_scalar_t>;
@@ -152,7 +163,9 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
           in_features,
           out_features,
           values.size(1)};
-      gather ? run_gather(p, avx2) : run_transposed(p, avx2);
+      if (!gather) return run_transposed(p, avx2);
+      // The gather kernels check indices as they load them; name the culprit.
+      if (!run_gather(p, avx2)) check_index_range(idx_c, in_features);
     };
     idx_c.scalar_type() == at::kShort ? launch(int16_t{}) : launch(int32_t{});
   });

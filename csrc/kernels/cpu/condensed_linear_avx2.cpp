@@ -65,34 +65,72 @@ inline void transpose8x8(__m256 (&rows)[8]) {
 
 // ---- gather: few batch rows ------------------------------------------------
 
+// Lanes whose column lies in [0, limit); a signed compare also rejects the
+// negative values that sign-extended int16 indices produce.
+inline __m256i columns_inside(__m256i columns, __m256i limit) {
+  return _mm256_and_si256(_mm256_cmpgt_epi32(limit, columns), _mm256_cmpgt_epi32(columns, _mm256_set1_epi32(-1)));
+}
+
 // kRows batch rows share each index vector and weight load; their gathers are
-// independent, which hides the gather latency.
+// independent, which hides the gather latency. Out-of-range columns are
+// replaced by column 0 (never read outside x) and reported through the result.
 template <int kRows, typename scalar_t, typename index_t>
-inline void gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_t row0) {
-  const scalar_t* values = p.values + o * p.fan_in;
-  const index_t* idx = p.idx + o * p.fan_in;
+inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_t row0) {
+  const int64_t k = p.fan_in;
+  const scalar_t* values = p.values + o * k;
+  const index_t* idx = p.idx + o * k;
   const float* x[kRows];
   __m256 acc[kRows];
   for (int r = 0; r < kRows; ++r) {
     x[r] = p.x + (row0 + r) * p.x_row_stride;
     acc[r] = _mm256_setzero_ps();
   }
+  const __m256i limit = _mm256_set1_epi32(int32_t(p.in_features));
+  __m256i inside = _mm256_set1_epi32(-1);
   int64_t j = 0;
-  for (; j + 8 <= p.fan_in; j += 8) {
-    const __m256i columns = load8_index(idx + j);
+  for (; j + 8 <= k; j += 8) {
+    __m256i columns = load8_index(idx + j);
+    const __m256i ok = columns_inside(columns, limit);
+    inside = _mm256_and_si256(inside, ok);
+    columns = _mm256_and_si256(columns, ok);
     const __m256 w = load8(values + j);
     for (int r = 0; r < kRows; ++r) {
       acc[r] = _mm256_fmadd_ps(w, _mm256_i32gather_ps(x[r], columns, 4), acc[r]);
     }
   }
+  // The fan_in tail (k % 8 entries) as one masked gather. values/idx are one
+  // contiguous [out, k] block, so a full 8-wide load past this row's end stays
+  // inside it whenever 8 more entries exist; lanes past the row are masked.
+  const int64_t tail = k - j;
+  const bool tail_vectorised = tail > 0 && o * k + j + 8 <= p.out_features * k;
+  if (tail_vectorised) {
+    const __m256i in_row = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i columns = load8_index(idx + j);
+    const __m256i ok = _mm256_and_si256(columns_inside(columns, limit), in_row);
+    inside = _mm256_and_si256(inside, _mm256_or_si256(ok, _mm256_xor_si256(in_row, _mm256_set1_epi32(-1))));
+    columns = _mm256_and_si256(columns, ok);
+    const __m256 w = _mm256_and_ps(load8(values + j), _mm256_castsi256_ps(in_row));
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 gathered = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x[r], columns, _mm256_castsi256_ps(ok), 4);
+      acc[r] = _mm256_fmadd_ps(w, gathered, acc[r]);
+    }
+    j = k;
+  }
+  bool all_inside = _mm256_movemask_epi8(inside) == -1;
   float sum[kRows];
   for (int r = 0; r < kRows; ++r) sum[r] = horizontal_sum(acc[r]);
-  for (; j < p.fan_in; ++j) {  // fan_in tail: not worth a masked gather
+  for (; j < k; ++j) {  // the very last rows' tail, which has nothing after it to over-read
+    const int64_t c = idx[j];
+    if (c < 0 || c >= p.in_features) {
+      all_inside = false;
+      continue;
+    }
     const float w = load1(values[j]);
-    for (int r = 0; r < kRows; ++r) sum[r] += w * x[r][idx[j]];
+    for (int r = 0; r < kRows; ++r) sum[r] += w * x[r][c];
   }
   const float bias = p.bias ? load1(p.bias[o]) : 0.f;
   for (int r = 0; r < kRows; ++r) p.y[(row0 + r) * p.out_features + o] = store1<scalar_t>(sum[r] + bias);
+  return all_inside;
 }
 
 // ---- transposed: many batch rows -------------------------------------------
@@ -101,7 +139,7 @@ constexpr int kTileRows = int(kTransposedTileRows);
 constexpr int kTileVectors = kTileRows / 8;
 // Outputs computed together: kBlockOutputs * kTileVectors accumulators plus a
 // broadcast register fit the 16 ymm registers with room for the loads.
-constexpr int kBlockOutputs = 4;
+constexpr int kBlockOutputs = 2;
 
 // xt[c * kTileRows + r] = x[row0 + r, c]; rows past the batch end read as zero.
 inline void transpose_tile(const float* x, int64_t x_row_stride, int64_t rows, int64_t in_features,
@@ -158,17 +196,19 @@ inline void transposed_block(const Problem<scalar_t, index_t>& p, const float* x
 }  // namespace
 
 template <typename scalar_t, typename index_t>
-void gather(const Problem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
+bool gather(const Problem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
+  bool all_inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
     int64_t row = 0;
-    for (; row + 4 <= p.batch; row += 4) gather_output<4>(p, o, row);
+    for (; row + 4 <= p.batch; row += 4) all_inside &= gather_output<4>(p, o, row);
     switch (p.batch - row) {
-      case 3: gather_output<3>(p, o, row); break;
-      case 2: gather_output<2>(p, o, row); break;
-      case 1: gather_output<1>(p, o, row); break;
+      case 3: all_inside &= gather_output<3>(p, o, row); break;
+      case 2: all_inside &= gather_output<2>(p, o, row); break;
+      case 1: all_inside &= gather_output<1>(p, o, row); break;
       default: break;
     }
   }
+  return all_inside;
 }
 
 template <typename scalar_t, typename index_t>
@@ -184,7 +224,7 @@ void transposed(const Problem<scalar_t, index_t>& p, int64_t batch_begin, int64_
 }
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                    \
-  template void gather<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);        \
+  template bool gather<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);        \
   template void transposed<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t,     \
                                               int64_t, float*);
 

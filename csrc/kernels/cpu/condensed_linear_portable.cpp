@@ -31,8 +31,9 @@ int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limi
 namespace portable {
 
 template <typename scalar_t, typename index_t>
-void gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
+bool gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
   using acc = acc_t<scalar_t>;
+  bool all_inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
     const scalar_t* values = p.values + o * p.fan_in;
     const index_t* idx = p.idx + o * p.fan_in;
@@ -40,10 +41,18 @@ void gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begi
     for (int64_t b = 0; b < p.batch; ++b) {
       const acc* x = p.x + b * p.x_row_stride;
       acc sum = 0;
-      for (int64_t j = 0; j < p.fan_in; ++j) sum += acc(to_float(values[j])) * x[idx[j]];
+      for (int64_t j = 0; j < p.fan_in; ++j) {
+        const int64_t c = idx[j];
+        if (c < 0 || c >= p.in_features) {
+          all_inside = false;
+          continue;
+        }
+        sum += acc(to_float(values[j])) * x[c];
+      }
       p.y[b * p.out_features + o] = from_acc<scalar_t>(sum + bias);
     }
   }
+  return all_inside;
 }
 
 template <typename scalar_t, typename index_t>
@@ -90,7 +99,7 @@ bool avx2::cpu_supports() {
 }
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                              \
-  template void portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, \
+  template bool portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, \
                                                     int64_t, int64_t);                            \
   template void portable::transposed<scalar_t, index_t>(                                          \
       const CondensedLinearProblem<scalar_t, index_t>&, int64_t, int64_t, int64_t, acc_t<scalar_t>*);
