@@ -21,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
     py::dict facts;
     facts["avx2_compiled"] = condensed_ops::cpu::avx2_compiled();
     facts["avx2_supported"] = condensed_ops::cpu::avx2_supported();
+    facts["avx512_supported"] = condensed_ops::cpu::avx512_supported();
     facts["active_isa"] = condensed_ops::cpu::active_isa();
     facts["gather_max_batch"] = condensed_ops::cpu::gather_max_batch();
     return facts;

@@ -21,23 +21,22 @@ namespace {
 
 namespace k = kernels;
 
-enum class Isa { Auto, Portable, Avx2 };
+enum class Isa { Auto, Portable, Avx2, Avx512 };
 enum class Strategy { Auto, Gather, Transposed };
 std::atomic<Isa> isa_override{Isa::Auto};
 std::atomic<Strategy> strategy_override{Strategy::Auto};
 
-// Measured crossover (benchmarks/sweep.py): gathering wins only while a few
-// rows share each index load; beyond that the transposed tile is faster.
+// Measured crossover (768<->3072, 90%, 1 thread, this repo's Xeon): gather
+// costs ~50 us per extra row, one transposed tile costs the same for 1..16
+// rows; gather wins up to 4 rows (237 vs 285 us) and loses from 5 (325 vs 288).
 constexpr int64_t kGatherMaxBatch = 4;
 
-bool use_avx2() {
-  switch (isa_override.load()) {
-    case Isa::Portable: return false;
-    case Isa::Avx2:
-      TORCH_CHECK(avx2_supported(), "condensed_ops: AVX2 kernels forced but not available on this CPU/build");
-      return true;
-    default: return avx2_supported();
-  }
+// The widest flavour this CPU runs, unless a test forced one (set_kernel_override
+// refuses flavours the CPU lacks). AVX-512 CPUs gather with the AVX2 kernels.
+Isa active() {
+  const Isa forced = isa_override.load();
+  if (forced != Isa::Auto) return forced;
+  return avx512_supported() ? Isa::Avx512 : avx2_supported() ? Isa::Avx2 : Isa::Portable;
 }
 
 bool use_gather(int64_t batch) {
@@ -66,7 +65,7 @@ void check_index_range(const at::Tensor& idx, int64_t in_features) {
 
 // Returns false if the kernels met an index outside [0, in_features).
 template <typename scalar_t, typename index_t>
-bool run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2) {
+bool run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
   // ~32k multiply-adds per task keeps the fork/join cost small at batch 1.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.fan_in * p.batch));
   std::atomic<bool> all_inside{true};
@@ -74,7 +73,7 @@ bool run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2
     bool inside;
     if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
-      if (avx2) {
+      if (isa != Isa::Portable) {
         inside = k::avx2::gather(p, begin, end);
         if (!inside) all_inside = false;
         return;
@@ -89,9 +88,9 @@ bool run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2
 
 // Reads x through idx without checking: run only after check_index_range.
 template <typename scalar_t, typename index_t>
-void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool avx2) {
+void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
   using acc = k::acc_t<scalar_t>;
-  constexpr int64_t kBlock = 4;  // keep chunk edges on the kernels' output blocks
+  constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
   const int64_t tiles = (p.batch + k::kTransposedTileRows - 1) / k::kTransposedTileRows;
   // Split outputs too when there are fewer tiles than threads can use; each
   // task re-transposes its tile, which costs in_features*16, not out*fan_in.
@@ -107,7 +106,13 @@ void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool 
       if (out_begin == out_end) continue;
       if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
-        if (avx2) {
+#if defined(CONDENSED_OPS_WITH_AVX512)
+        if (isa == Isa::Avx512) {
+          k::avx512::transposed(p, row0, out_begin, out_end, scratch.data());
+          continue;
+        }
+#endif
+        if (isa == Isa::Avx2) {
           k::avx2::transposed(p, row0, out_begin, out_end, scratch.data());
           continue;
         }
@@ -146,7 +151,7 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (x_2d.scalar_type() != acc_dtype || x_2d.stride(1) != 1) x_2d = x_2d.to(acc_dtype).contiguous();
 
-  const bool avx2 = use_avx2();
+  const Isa isa = active();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_cpu", [&] {
     using kernel_scalar_t = typename KernelType<scalar_t>::type;
     using acc = k::acc_t<kernel_scalar_t>;
@@ -163,9 +168,9 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
           in_features,
           out_features,
           values.size(1)};
-      if (!gather) return run_transposed(p, avx2);
+      if (!gather) return run_transposed(p, isa);
       // The gather kernels check indices as they load them; name the culprit.
-      if (!run_gather(p, avx2)) check_index_range(idx_c, in_features);
+      if (!run_gather(p, isa)) check_index_range(idx_c, in_features);
     };
     idx_c.scalar_type() == at::kShort ? launch(int16_t{}) : launch(int32_t{});
   });
@@ -179,9 +184,10 @@ void set_kernel_override(const std::string& isa, const std::string& strategy) {
   if (isa == "auto") new_isa = Isa::Auto;
   else if (isa == "portable") new_isa = Isa::Portable;
   else if (isa == "avx2") new_isa = Isa::Avx2;
-  else throw std::invalid_argument("isa must be 'auto', 'portable' or 'avx2', got '" + isa + "'");
-  if (new_isa == Isa::Avx2 && !avx2_supported()) {
-    throw std::invalid_argument("isa 'avx2' is not available on this CPU or build");
+  else if (isa == "avx512") new_isa = Isa::Avx512;
+  else throw std::invalid_argument("isa must be 'auto', 'portable', 'avx2' or 'avx512', got '" + isa + "'");
+  if ((new_isa == Isa::Avx2 && !avx2_supported()) || (new_isa == Isa::Avx512 && !avx512_supported())) {
+    throw std::invalid_argument("isa '" + isa + "' is not available on this CPU or build");
   }
   Strategy new_strategy;
   if (strategy == "auto") new_strategy = Strategy::Auto;
@@ -192,7 +198,13 @@ void set_kernel_override(const std::string& isa, const std::string& strategy) {
   strategy_override = new_strategy;
 }
 
-std::string active_isa() { return use_avx2() ? "avx2" : "portable"; }
+std::string active_isa() {
+  switch (active()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 bool avx2_compiled() {
 #if defined(CONDENSED_OPS_WITH_AVX2)
@@ -203,6 +215,7 @@ bool avx2_compiled() {
 }
 
 bool avx2_supported() { return avx2_compiled() && k::avx2::cpu_supports(); }
+bool avx512_supported() { return avx2_supported() && k::avx512::cpu_supports(); }
 
 int64_t gather_max_batch() { return kGatherMaxBatch; }
 

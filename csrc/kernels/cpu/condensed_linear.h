@@ -33,7 +33,7 @@ struct CondensedLinearProblem {
 
 // Batch rows per transposed tile and the scratch one tile needs (in elements
 // of the accumulator type). Shared by both flavours so callers size one buffer.
-constexpr int64_t kTransposedTileRows = 32;
+constexpr int64_t kTransposedTileRows = 16;
 inline int64_t transposed_scratch_size(int64_t in_features) {
   return in_features * kTransposedTileRows;
 }
@@ -68,5 +68,15 @@ template <typename scalar_t, typename index_t>
 void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
                 int64_t out_begin, int64_t out_end, float* scratch);
 }  // namespace avx2
+
+// AVX-512F flavour of the transposed strategy (same value types as avx2).
+// Built when CMake defines CONDENSED_OPS_WITH_AVX512.
+namespace avx512 {
+bool cpu_supports();
+
+template <typename scalar_t, typename index_t>
+void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
+                int64_t out_begin, int64_t out_end, float* scratch);
+}  // namespace avx512
 
 }  // namespace condensed_ops::kernels

@@ -7,28 +7,17 @@
 #include <algorithm>
 
 #include "condensed_linear.h"
+#include "transposed_simd.h"
 
 namespace condensed_ops::kernels::avx2 {
 namespace {
 
+using simd::load1;
+using simd::load8;
+using simd::store1;
+
 template <typename scalar_t, typename index_t>
 using Problem = CondensedLinearProblem<scalar_t, index_t>;
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const BFloat16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-inline __m256 load8(const Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-inline float load1(float v) { return v; }
-inline float load1(BFloat16 v) { return to_float(v); }
-inline float load1(Half v) { return _cvtsh_ss(v.bits); }
-
-template <typename T> inline T store1(float v) { return from_float<T>(v); }
-template <> inline Half store1<Half>(float v) { return Half{_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)}; }
 
 inline __m256i load8_index(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -42,25 +31,6 @@ inline float horizontal_sum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// In-register transpose of an 8x8 float block (rows[i] becomes column i).
-inline void transpose8x8(__m256 (&rows)[8]) {
-  __m256 t[8], s[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    s[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    rows[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
-    rows[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-  }
 }
 
 // ---- gather: few batch rows ------------------------------------------------
@@ -135,63 +105,18 @@ inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_
 
 // ---- transposed: many batch rows -------------------------------------------
 
-constexpr int kTileRows = int(kTransposedTileRows);
-constexpr int kTileVectors = kTileRows / 8;
-// Outputs computed together: kBlockOutputs * kTileVectors accumulators plus a
-// broadcast register fit the 16 ymm registers with room for the loads.
-constexpr int kBlockOutputs = 2;
-
-// xt[c * kTileRows + r] = x[row0 + r, c]; rows past the batch end read as zero.
-inline void transpose_tile(const float* x, int64_t x_row_stride, int64_t rows, int64_t in_features,
-                           float* xt) {
-  int64_t c = 0;
-  if (rows == kTileRows) {
-    for (; c + 8 <= in_features; c += 8) {
-      for (int half = 0; half < kTileVectors; ++half) {
-        __m256 block[8];
-        for (int r = 0; r < 8; ++r) block[r] = _mm256_loadu_ps(x + (half * 8 + r) * x_row_stride + c);
-        transpose8x8(block);
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(xt + (c + i) * kTileRows + half * 8, block[i]);
-      }
-    }
-  }
-  for (; c < in_features; ++c) {
-    for (int64_t r = 0; r < kTileRows; ++r) xt[c * kTileRows + r] = r < rows ? x[r * x_row_stride + c] : 0.f;
-  }
-}
-
-template <int kOutputs, typename scalar_t, typename index_t>
-inline void transposed_block(const Problem<scalar_t, index_t>& p, const float* xt, int64_t o,
-                             int64_t row0, int64_t rows) {
-  const scalar_t* values[kOutputs];
-  const index_t* idx[kOutputs];
-  __m256 acc[kOutputs][kTileVectors];
-  for (int r = 0; r < kOutputs; ++r) {
-    values[r] = p.values + (o + r) * p.fan_in;
-    idx[r] = p.idx + (o + r) * p.fan_in;
-    for (int v = 0; v < kTileVectors; ++v) acc[r][v] = _mm256_setzero_ps();
-  }
-  // The outputs' independent FMA chains interleave, covering FMA latency.
-  for (int64_t j = 0; j < p.fan_in; ++j) {
-    for (int r = 0; r < kOutputs; ++r) {
-      const __m256 w = _mm256_set1_ps(load1(values[r][j]));
-      const float* column = xt + int64_t(idx[r][j]) * kTileRows;
-      for (int v = 0; v < kTileVectors; ++v) {
-        acc[r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(column + 8 * v), acc[r][v]);
-      }
-    }
-  }
-  alignas(32) float out[kOutputs][kTileRows];
-  for (int r = 0; r < kOutputs; ++r) {
-    for (int v = 0; v < kTileVectors; ++v) _mm256_store_ps(out[r] + 8 * v, acc[r][v]);
-  }
-  float bias[kOutputs];
-  for (int r = 0; r < kOutputs; ++r) bias[r] = p.bias ? load1(p.bias[o + r]) : 0.f;
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* y = p.y + (row0 + i) * p.out_features + o;
-    for (int r = 0; r < kOutputs; ++r) y[r] = store1<scalar_t>(out[r][i] + bias[r]);
-  }
-}
+struct Avx2Vec {
+  using reg = __m256;
+  static constexpr int kLanes = 8;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg broadcast(float v) { return _mm256_set1_ps(v); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg fmadd(reg a, reg b, reg acc) { return _mm256_fmadd_ps(a, b, acc); }
+};
+// kOutputs * (32 rows / 8 lanes) = 8 accumulators, plus the broadcast and the
+// loads, fit the 16 ymm registers.
+constexpr int kBlockOutputs = 4;
 
 }  // namespace
 
@@ -214,13 +139,7 @@ bool gather(const Problem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_
 template <typename scalar_t, typename index_t>
 void transposed(const Problem<scalar_t, index_t>& p, int64_t batch_begin, int64_t out_begin,
                 int64_t out_end, float* scratch) {
-  const int64_t rows = std::min<int64_t>(kTileRows, p.batch - batch_begin);
-  transpose_tile(p.x + batch_begin * p.x_row_stride, p.x_row_stride, rows, p.in_features, scratch);
-  int64_t o = out_begin;
-  for (; o + kBlockOutputs <= out_end; o += kBlockOutputs) {
-    transposed_block<kBlockOutputs>(p, scratch, o, batch_begin, rows);
-  }
-  for (; o < out_end; ++o) transposed_block<1>(p, scratch, o, batch_begin, rows);
+  simd::transposed<Avx2Vec, kBlockOutputs>(p, batch_begin, out_begin, out_end, scratch);
 }
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                    \

@@ -98,6 +98,14 @@ bool avx2::cpu_supports() {
 #endif
 }
 
+bool avx512::cpu_supports() {
+#if defined(CONDENSED_OPS_WITH_AVX512)
+  return avx2::cpu_supports() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                              \
   template bool portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, \
                                                     int64_t, int64_t);                            \
