@@ -58,16 +58,27 @@ inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_
   const __m256i limit = _mm256_set1_epi32(int32_t(p.in_features));
   __m256i inside = _mm256_set1_epi32(-1);
   int64_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    __m256i columns = load8_index(idx + j);
+  auto step = [&](int64_t at, __m256 (&sums)[kRows]) {
+    __m256i columns = load8_index(idx + at);
     const __m256i ok = columns_inside(columns, limit);
     inside = _mm256_and_si256(inside, ok);
     columns = _mm256_and_si256(columns, ok);
-    const __m256 w = load8(values + j);
-    for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_fmadd_ps(w, _mm256_i32gather_ps(x[r], columns, 4), acc[r]);
-    }
+    const __m256 w = load8(values + at);
+    for (int r = 0; r < kRows; ++r) sums[r] = _mm256_fmadd_ps(w, _mm256_i32gather_ps(x[r], columns, 4), sums[r]);
+  };
+  // Two accumulator sets let consecutive gathers overlap instead of queueing
+  // behind one FMA chain.
+  __m256 acc2[kRows];
+  for (int r = 0; r < kRows; ++r) acc2[r] = _mm256_setzero_ps();
+  for (; j + 16 <= k; j += 16) {
+    step(j, acc);
+    step(j + 8, acc2);
   }
+  if (j + 8 <= k) {
+    step(j, acc);
+    j += 8;
+  }
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
   // The fan_in tail (k % 8 entries) as one masked gather. values/idx are one
   // contiguous [out, k] block, so a full 8-wide load past this row's end stays
   // inside it whenever 8 more entries exist; lanes past the row are masked.
