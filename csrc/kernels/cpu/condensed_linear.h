@@ -21,14 +21,22 @@ template <typename scalar_t, typename index_t>
 struct CondensedLinearProblem {
   const acc_t<scalar_t>* x;  // [batch, in_features] in the accumulator type, unit inner stride
   int64_t x_row_stride;
-  const scalar_t* values;    // [out_features, fan_in], contiguous
-  const index_t* idx;        // [out_features, fan_in], contiguous
+  const scalar_t* values;    // row o's weights: values[row_begin(o) .. row_end(o))
+  const index_t* idx;        // their input columns, laid out like values
   const scalar_t* bias;      // [out_features], or nullptr
   scalar_t* y;               // [batch, out_features], contiguous
   int64_t batch;
   int64_t in_features;
   int64_t out_features;
-  int64_t fan_in;
+  int64_t fan_in;            // constant fan-in: row o is [o * fan_in, (o + 1) * fan_in)
+  // Variable-length rows instead (CSR, out_features + 1 entries), or nullptr.
+  // The backward pass uses them to run grad_x = grad_y @ W as a forward pass
+  // over the transposed layout, whose rows (input columns) differ in length.
+  const int64_t* row_offsets = nullptr;
+
+  int64_t row_begin(int64_t o) const { return row_offsets ? row_offsets[o] : o * fan_in; }
+  int64_t row_end(int64_t o) const { return row_offsets ? row_offsets[o + 1] : (o + 1) * fan_in; }
+  int64_t entries() const { return row_offsets ? row_offsets[out_features] : out_features * fan_in; }
 };
 
 // Batch rows per transposed tile and the scratch one tile needs (in elements

@@ -46,9 +46,10 @@ inline __m256i columns_inside(__m256i columns, __m256i limit) {
 // replaced by column 0 (never read outside x) and reported through the result.
 template <int kRows, typename scalar_t, typename index_t>
 inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_t row0) {
-  const int64_t k = p.fan_in;
-  const scalar_t* values = p.values + o * k;
-  const index_t* idx = p.idx + o * k;
+  const int64_t begin = p.row_begin(o);
+  const int64_t k = p.row_end(o) - begin;
+  const scalar_t* values = p.values + begin;
+  const index_t* idx = p.idx + begin;
   const float* x[kRows];
   __m256 acc[kRows];
   for (int r = 0; r < kRows; ++r) {
@@ -79,11 +80,11 @@ inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_
     j += 8;
   }
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
-  // The fan_in tail (k % 8 entries) as one masked gather. values/idx are one
-  // contiguous [out, k] block, so a full 8-wide load past this row's end stays
+  // The row's tail (k % 8 entries) as one masked gather. All rows' entries are
+  // one contiguous block, so a full 8-wide load past this row's end stays
   // inside it whenever 8 more entries exist; lanes past the row are masked.
   const int64_t tail = k - j;
-  const bool tail_vectorised = tail > 0 && o * k + j + 8 <= p.out_features * k;
+  const bool tail_vectorised = tail > 0 && begin + j + 8 <= p.entries();
   if (tail_vectorised) {
     const __m256i in_row = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256i columns = load8_index(idx + j);

@@ -35,13 +35,14 @@ bool gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begi
   using acc = acc_t<scalar_t>;
   bool all_inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
-    const scalar_t* values = p.values + o * p.fan_in;
-    const index_t* idx = p.idx + o * p.fan_in;
+    const scalar_t* values = p.values + p.row_begin(o);
+    const index_t* idx = p.idx + p.row_begin(o);
+    const int64_t length = p.row_end(o) - p.row_begin(o);
     const acc bias = p.bias ? acc(to_float(p.bias[o])) : acc(0);
     for (int64_t b = 0; b < p.batch; ++b) {
       const acc* x = p.x + b * p.x_row_stride;
       acc sum = 0;
-      for (int64_t j = 0; j < p.fan_in; ++j) {
+      for (int64_t j = 0; j < length; ++j) {
         const int64_t c = idx[j];
         if (c < 0 || c >= p.in_features) {
           all_inside = false;
@@ -70,10 +71,11 @@ void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batc
     }
   }
   for (int64_t o = out_begin; o < out_end; ++o) {
-    const scalar_t* values = p.values + o * p.fan_in;
-    const index_t* idx = p.idx + o * p.fan_in;
+    const scalar_t* values = p.values + p.row_begin(o);
+    const index_t* idx = p.idx + p.row_begin(o);
+    const int64_t length = p.row_end(o) - p.row_begin(o);
     acc sum[kRows] = {};
-    for (int64_t j = 0; j < p.fan_in; ++j) {
+    for (int64_t j = 0; j < length; ++j) {
       const acc w = to_float(values[j]);
       const acc* column = xt + int64_t(idx[j]) * kRows;
       for (int64_t r = 0; r < kRows; ++r) sum[r] += w * column[r];

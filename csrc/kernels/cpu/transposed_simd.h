@@ -101,18 +101,27 @@ inline void transposed_block(const CondensedLinearProblem<scalar_t, index_t>& p,
   constexpr int kVectors = kTileRows / Vec::kLanes;
   const scalar_t* values[kOutputs];
   const index_t* idx[kOutputs];
+  int64_t length[kOutputs];
   typename Vec::reg acc[kOutputs][kVectors];
   for (int r = 0; r < kOutputs; ++r) {
-    values[r] = p.values + (o + r) * p.fan_in;
-    idx[r] = p.idx + (o + r) * p.fan_in;
+    values[r] = p.values + p.row_begin(o + r);
+    idx[r] = p.idx + p.row_begin(o + r);
+    length[r] = p.row_end(o + r) - p.row_begin(o + r);
     for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::zero();
   }
-  for (int64_t j = 0; j < p.fan_in; ++j) {
-    for (int r = 0; r < kOutputs; ++r) {
-      const auto w = Vec::broadcast(load1(values[r][j]));
-      const float* column = xt + int64_t(idx[r][j]) * kTileRows;
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::fmadd(w, Vec::load(column + v * Vec::kLanes), acc[r][v]);
-    }
+  auto multiply_add = [&](int r, int64_t j) {
+    const auto w = Vec::broadcast(load1(values[r][j]));
+    const float* column = xt + int64_t(idx[r][j]) * kTileRows;
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::fmadd(w, Vec::load(column + v * Vec::kLanes), acc[r][v]);
+  };
+  // Interleave the rows over their common length (all of it at constant
+  // fan-in); variable-length rows then finish one by one.
+  const int64_t common = *std::min_element(length, length + kOutputs);
+  for (int64_t j = 0; j < common; ++j) {
+    for (int r = 0; r < kOutputs; ++r) multiply_add(r, j);
+  }
+  for (int r = 0; r < kOutputs; ++r) {
+    for (int64_t j = common; j < length[r]; ++j) multiply_add(r, j);
   }
   for (int r = 0; r < kOutputs; ++r) {
     for (int v = 0; v < kVectors; ++v) Vec::store(result[r] + v * Vec::kLanes, acc[r][v]);
