@@ -1,0 +1,431 @@
+"""condensed_ops.srigl.SRigL: constant fan-in dynamic sparse training.
+
+Invariants are checked after real training steps on small random models, with
+expectations recomputed here from the weights, gradients and masks."""
+
+import copy
+import math
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from condensed_ops.masks import fan_in_for_density, layer_densities
+from condensed_ops.srigl import SRigL
+
+CLASSES = 4
+
+
+def make_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, CLASSES))
+
+
+def make_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, CLASSES),
+    )
+
+
+MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
+    "mlp": (make_mlp, (12,)),
+    "cnn": (make_cnn, (3, 6, 6)),
+}
+OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "sgd_momentum": lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda model: torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These layers are tiny: with a busy CPU, waking a second thread per op costs
+    # far more than it saves. (conftest restores the thread count afterwards.)
+    torch.set_num_threads(1)
+
+
+class Run:
+    """A model, optimizer and updater, trained on seeded random batches."""
+
+    def __init__(self, model_kind: str = "mlp", optimizer_kind: str = "sgd_momentum", seed: int = 0, **srigl_kwargs):
+        make_model, self.input_shape = MODELS[model_kind]
+        torch.manual_seed(seed)
+        self.model = make_model()
+        self.optimizer = OPTIMIZERS[optimizer_kind](self.model)
+        self.data = torch.Generator().manual_seed(seed + 1000)
+        kwargs = dict(sparsity=0.7, t_end=60, delta_t=5, alpha=0.3, gamma_sal=0.3, optimizer=self.optimizer)
+        kwargs.update(srigl_kwargs)
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+        self.updater = SRigL(self.model, **kwargs)
+
+    def batch(self) -> Tuple[Tensor, Tensor]:
+        x = torch.randn(16, *self.input_shape, generator=self.data)
+        return x, torch.randint(0, CLASSES, (16,), generator=self.data)
+
+    def backward(self) -> None:
+        x, y = self.batch()
+        self.optimizer.zero_grad()
+        F.cross_entropy(self.model(x), y).backward()
+
+    def train_step(self) -> bool:
+        self.backward()
+        updated = self.updater.step()
+        self.optimizer.step()
+        return updated
+
+    def masks(self) -> Dict[str, Tensor]:
+        return {name: layer.mask.clone() for name, layer in self.updater.layers.items()}
+
+
+def check_layer_invariants(updater: SRigL) -> None:
+    for name, layer in updater.layers.items():
+        rows = layer.mask.flatten(1)
+        active = ~layer.ablated_neurons
+        row_counts = rows.sum(dim=1)
+        assert row_counts[active].tolist() == [layer.fan_in] * int(active.sum()), f"{name}: fan-in not constant"
+        assert int(row_counts[~active].sum()) == 0, f"{name}: an ablated neuron has weights"
+        assert int(active.sum()) >= 1
+        # The density is kept: at most half a weight per active neuron off the budget.
+        assert abs(int(rows.sum()) - layer.budget) <= int(active.sum()) / 2, name
+        assert bool((layer.weight[~layer.mask] == 0).all()), f"{name}: a masked weight is nonzero"
+
+
+# ---- construction ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_kind", MODELS)
+@pytest.mark.parametrize("density_method", ["erk", "uniform"])
+def test_initial_masks_follow_the_density_allocation(model_kind, density_method):
+    run = Run(model_kind, sparsity=0.8, density_method=density_method, exclude={"6"} if model_kind == "cnn" else ())
+    shapes = {name: tuple(m.weight.shape) for name, m in run.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if model_kind == "cnn":
+        del shapes["6"]
+        assert torch.count_nonzero(run.model[6].weight) == run.model[6].weight.numel()  # excluded: left dense
+    densities = layer_densities(shapes, 0.8, density_method)
+    assert list(run.updater.layers) == list(shapes)
+    for name, shape in shapes.items():
+        layer = run.updater.layers[name]
+        in_features = math.prod(shape[1:])  # C_in * kh * kw for a conv
+        assert layer.in_features == in_features
+        assert layer.fan_in == fan_in_for_density(densities[name], in_features)
+        assert layer.budget == shape[0] * layer.fan_in
+        assert not layer.ablated_neurons.any()
+        assert torch.equal(layer.weight != 0, layer.mask)  # random init: no accidental zeros
+    check_layer_invariants(run.updater)
+
+
+def test_masks_are_reproducible_from_a_seeded_generator():
+    first, second = Run(seed=3), Run(seed=3)
+    for _ in range(30):
+        first.train_step()
+        second.train_step()
+    assert first.masks().keys() == second.masks().keys()
+    for name, mask in first.masks().items():
+        assert torch.equal(mask, second.masks()[name])
+        assert torch.equal(first.updater.layers[name].ablated_neurons, second.updater.layers[name].ablated_neurons)
+    for p, q in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(p, q)
+
+    other = Run(seed=3, generator=torch.Generator().manual_seed(4))
+    assert any(not torch.equal(mask, other.masks()[name]) for name, mask in Run(seed=3).masks().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(delta_t=0), "delta_t"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(gamma_sal=-0.1), "gamma_sal"),
+        (dict(t_end=-1), "t_end"),
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(exclude={"9"}), "exclude"),
+        (dict(ablation_exempt={"1"}), "ablation_exempt"),  # a ReLU
+        (dict(density_method="snip"), "method"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        Run(**kwargs)
+
+
+def test_a_model_without_sparsifiable_layers_is_rejected():
+    with pytest.raises(ValueError, match="no Linear"):
+        SRigL(nn.Sequential(nn.ReLU()), 0.5, t_end=10)
+
+
+# ---- training invariants ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd_momentum", "adam"])
+@pytest.mark.parametrize("model_kind", MODELS)
+def test_invariants_hold_through_many_updates(model_kind, optimizer_kind):
+    run = Run(model_kind, optimizer_kind, gamma_sal=0.6, t_end=100, delta_t=4)
+    initial = run.masks()
+    updates = 0
+    for _ in range(110):
+        updates += run.train_step()
+        check_layer_invariants(run.updater)
+    assert updates == 24  # steps 4, 8, ..., 96
+    for name, layer in run.updater.layers.items():
+        if layer.fan_in < layer.in_features:  # ERK can leave a small layer dense: nothing to rewire
+            assert not torch.equal(initial[name], layer.mask), f"{name}: the mask never moved"
+
+
+@pytest.mark.parametrize("optimizer_kind", list(OPTIMIZERS))
+def test_the_optimizer_hook_keeps_masked_weights_zero(optimizer_kind):
+    # Without updater.step() the optimizer sees dense gradients (and weight decay
+    # and momentum at masked positions): only the post-step hook holds them at 0.
+    run = Run(optimizer_kind=optimizer_kind)
+    for _ in range(5):
+        run.backward()
+        run.optimizer.step()
+        for layer in run.updater.layers.values():
+            assert bool((layer.weight[~layer.mask] == 0).all())
+    run.updater.remove_optimizer_hook()
+    run.backward()
+    run.optimizer.step()
+    assert any(bool((layer.weight[~layer.mask] != 0).any()) for layer in run.updater.layers.values())
+
+
+def test_step_zeroes_gradients_outside_the_masks():
+    run = Run()
+    run.backward()
+    assert any(bool((layer.weight.grad[~layer.mask] != 0).any()) for layer in run.updater.layers.values())
+    run.updater.step()
+    for layer in run.updater.layers.values():
+        assert bool((layer.weight.grad[~layer.mask] == 0).all())
+
+
+# ---- the update rule ---------------------------------------------------------------------
+
+
+def run_to_update_step(run: Run) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[str, Tensor]]:
+    """Train up to the step before the next update, then back-propagate that
+    step's batch; returns (masks, weights, dense grads) just before ``updater.step()``."""
+    while not run.updater.is_update_step(run.updater.steps_taken + 1):
+        run.train_step()
+    run.backward()
+    layers = run.updater.layers
+    return (
+        run.masks(),
+        {name: layer.weight.detach().clone() for name, layer in layers.items()},
+        {name: layer.weight.grad.clone() for name, layer in layers.items()},
+    )
+
+
+@pytest.mark.parametrize("model_kind", MODELS)
+def test_each_neuron_drops_its_smallest_weights_and_grows_at_its_largest_gradients(model_kind):
+    run = Run(model_kind, gamma_sal=0.0, alpha=0.5, t_end=40, delta_t=5)
+    drops_checked = 0
+    for _ in range(4):  # updates at steps 5, 10, 15, 20
+        masks, weights, grads = run_to_update_step(run)
+        t = run.updater.steps_taken + 1
+        assert run.updater.step()
+        for name, layer in run.updater.layers.items():
+            fan_in, in_features = layer.fan_in, layer.in_features
+            expected_drops = min(round(0.5 / 2 * (1 + math.cos(math.pi * t / 40)) * fan_in), in_features - fan_in)
+            old, new = masks[name].flatten(1), layer.mask.flatten(1)
+            magnitude, grad_magnitude = weights[name].flatten(1).abs(), grads[name].flatten(1).abs()
+            for row in range(old.shape[0]):
+                dropped, grown = old[row] & ~new[row], new[row] & ~old[row]
+                kept, passed_over = old[row] & new[row], ~old[row] & ~new[row]
+                assert int(dropped.sum()) == int(grown.sum()) == expected_drops, (name, row)
+                drops_checked += expected_drops
+                if expected_drops:
+                    assert magnitude[row][dropped].max() <= magnitude[row][kept].min()
+                    if passed_over.any():
+                        assert grad_magnitude[row][grown].min() >= grad_magnitude[row][passed_over].max()
+        run.optimizer.step()
+    assert drops_checked > 0
+
+
+def test_grown_weights_start_at_zero_and_kept_weights_are_untouched():
+    run = Run(gamma_sal=0.0)
+    masks, weights, _ = run_to_update_step(run)
+    for layer in run.updater.layers.values():  # junk where the weights are masked
+        layer.weight.data.masked_fill_(~layer.mask, 7.0)
+    run.updater.step()
+    grown_somewhere = False
+    for name, layer in run.updater.layers.items():
+        old, new, weight = masks[name], layer.mask, layer.weight.detach()
+        grown = new & ~old
+        grown_somewhere |= bool(grown.any())
+        assert bool((weight[grown] == 0).all())
+        assert torch.equal(weight[old & new], weights[name][old & new])
+        assert bool((weight[~new] == 0).all())
+    assert grown_somewhere
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd_momentum", "adam"])
+def test_optimizer_state_is_zeroed_where_the_mask_changed(optimizer_kind):
+    run = Run(optimizer_kind=optimizer_kind, gamma_sal=0.5)
+    masks, _, _ = run_to_update_step(run)
+    states: List[Tuple[str, Tensor]] = []
+    for name, layer in run.updater.layers.items():
+        for value in run.optimizer.state[layer.weight].values():
+            if value.shape == layer.weight.shape:
+                value.fill_(1.0)
+                states.append((name, value))
+    assert len(states) == len(run.updater.layers) * (1 if optimizer_kind == "sgd_momentum" else 2)
+    run.updater.step()
+    for name, value in states:
+        changed = masks[name] != run.updater.layers[name].mask
+        assert changed.any()
+        assert bool((value[changed] == 0).all())
+        assert bool((value[~changed] == 1).all())
+
+
+# ---- neuron ablation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma_sal,ablated", [(0.3, False), (0.5, True)])
+def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(gamma_sal, ablated):
+    # One layer, 4 neurons x 10 inputs, fan-in 5 (uniform 50%), drop fraction ~0.4:
+    # each neuron drops 2, so unstructured RigL keeps the layer's top 12 |w| among
+    # its 20 active weights and grows the top 8 |grad| among its 20 inactive ones.
+    # Neuron 0 has tiny weights and gradients except 2 large inactive gradients:
+    # 2 salient weights, below gamma_sal * fan_in = 2.5 but not below 1.5.
+    # Neurons 1-3 each drop only their one weight of 1.0: >= 4 salient each.
+    model = nn.Sequential(nn.Linear(10, 4))
+    updater = SRigL(
+        model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=gamma_sal, density_method="uniform",
+        ablation_exempt=(), generator=torch.Generator().manual_seed(0),
+    )
+    layer = updater.layers["0"]
+    assert layer.fan_in == 5
+    g = torch.Generator().manual_seed(1)
+    weight = torch.rand(4, 10, generator=g) + 2
+    grad = torch.rand(4, 10, generator=g) + 1
+    weight[0], grad[0] = 1e-3, 1e-3
+    grad[0, (~layer.mask[0]).nonzero().flatten()[:2]] = 5.0
+    for row in range(1, 4):
+        weight[row, layer.mask[row].nonzero().flatten()[0]] = 1.0
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    model[0].weight.grad = grad
+    updater.apply_masks()
+    assert updater.step()
+    if ablated:
+        # The 20-weight budget is spread over 3 neurons: round(20 / 3) = 7.
+        assert layer.ablated_neurons.tolist() == [True, False, False, False]
+        assert layer.fan_in == 7
+        assert layer.mask.sum(dim=1).tolist() == [0, 7, 7, 7]
+        assert bool((model[0].weight[0] == 0).all())
+    else:
+        assert not layer.ablated_neurons.any()
+        assert layer.fan_in == 5
+        assert layer.mask.sum(dim=1).tolist() == [5, 5, 5, 5]
+
+
+def test_ablation_keeps_enough_neurons_to_hold_the_budget():
+    # 8 inputs at 50% density: fan-in 4, budget 40 * 4 = 160, so at least 160 / 8 =
+    # 20 neurons must stay for the fan-in to fit in 8 inputs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = SRigL(model, 0.5, t_end=1000, delta_t=1, alpha=0.5, gamma_sal=1.0, density_method="uniform", optimizer=optimizer)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 8, generator=data)), torch.randint(0, CLASSES, (8,), generator=data)).backward()
+        updater.step()
+        optimizer.step()
+    layer = updater.layers["0"]
+    assert layer.active_neurons == 20
+    assert layer.fan_in == 8
+    assert not updater.layers["2"].ablated_neurons.any()  # the output layer is exempt by default
+    check_layer_invariants(updater)
+
+
+@pytest.mark.parametrize("model_kind", MODELS)
+def test_ablated_neurons_stay_ablated_and_output_their_bias(model_kind):
+    run = Run(model_kind, gamma_sal=0.9, alpha=0.5, t_end=80, delta_t=3)
+    ablated_before = {name: layer.ablated_neurons.clone() for name, layer in run.updater.layers.items()}
+    for _ in range(90):
+        run.train_step()
+        for name, layer in run.updater.layers.items():
+            assert bool(layer.ablated_neurons[ablated_before[name]].all()), f"{name}: a neuron came back"
+            ablated_before[name] = layer.ablated_neurons.clone()
+    last = list(run.updater.layers)[-1]
+    assert not run.updater.layers[last].ablated_neurons.any()
+    first = run.updater.layers["0"]
+    assert first.ablated_neurons.any(), "nothing was ablated: the test would prove nothing"
+
+    x = torch.randn(5, *run.input_shape) * 10
+    with torch.no_grad():
+        out = first.module(x)
+    ablated = first.ablated_neurons
+    bias = first.module.bias[ablated]
+    expected = bias.view(1, -1, *([1] * (out.dim() - 2))).expand_as(out[:, ablated])
+    assert torch.equal(out[:, ablated], expected)
+    assert not torch.equal(out[:, ~ablated], first.module.bias[~ablated].view(1, -1, *([1] * (out.dim() - 2))).expand_as(out[:, ~ablated]))
+
+
+# ---- schedule ------------------------------------------------------------------------------
+
+
+def test_updates_run_every_delta_t_steps_until_t_end():
+    run = Run(t_end=50, delta_t=7, gamma_sal=0.0)
+    update_steps = []
+    for t in range(1, 81):
+        before = run.masks()
+        if run.train_step():
+            update_steps.append(t)
+        else:
+            assert all(torch.equal(before[name], mask) for name, mask in run.masks().items()), f"masks moved at step {t}"
+    assert update_steps == [7, 14, 21, 28, 35, 42, 49]
+    assert run.updater.steps_taken == 80
+
+
+def test_the_drop_fraction_decays_with_a_cosine():
+    updater = Run(t_end=200, alpha=0.4).updater
+    assert updater.drop_fraction(0) == pytest.approx(0.4)
+    assert updater.drop_fraction(50) == pytest.approx(0.2 * (1 + math.sqrt(0.5)))
+    assert updater.drop_fraction(100) == pytest.approx(0.2)
+    assert updater.drop_fraction(200) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- checkpointing ---------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_resumes_identically():
+    run = Run(gamma_sal=0.6)
+    for _ in range(23):
+        run.train_step()
+    state = copy.deepcopy(run.updater.state_dict())
+
+    resumed = Run(gamma_sal=0.6, generator=torch.Generator().manual_seed(99))  # other initial masks
+    resumed.model.load_state_dict(run.model.state_dict())
+    resumed.optimizer.load_state_dict(copy.deepcopy(run.optimizer.state_dict()))  # else the buffers are shared
+    resumed.data.set_state(run.data.get_state())
+    with torch.no_grad():
+        for name, layer in resumed.updater.layers.items():
+            layer.weight.masked_fill_(~state["layers"][name]["mask"], 1.0)  # junk: loading re-applies the masks
+    resumed.updater.load_state_dict(state)
+    assert resumed.updater.steps_taken == 23
+    for name, layer in resumed.updater.layers.items():
+        original = run.updater.layers[name]
+        assert torch.equal(layer.mask, original.mask)
+        assert layer.fan_in == original.fan_in and layer.budget == original.budget
+        assert torch.equal(layer.ablated_neurons, original.ablated_neurons)
+        assert torch.equal(layer.weight, original.weight)
+
+    for _ in range(12):  # two more updates
+        run.train_step()
+        resumed.train_step()
+    for name, mask in run.masks().items():
+        assert torch.equal(mask, resumed.masks()[name])
+
+
+def test_load_state_dict_rejects_another_models_state():
+    state = Run("mlp").updater.state_dict()
+    with pytest.raises(ValueError, match="layers"):
+        Run("cnn").updater.load_state_dict(state)
