@@ -13,6 +13,11 @@ namespace condensed_ops {
 void check_condensed_linear_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                    const std::optional<at::Tensor>& bias);
 
+// The backward ops' checks: grad_y [..., out_features] in values' dtype.
+void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,
+                                              const at::Tensor& idx, int64_t in_features);
+void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx);
+
 // Output shape: x.shape[:-1] + [out_features].
 std::vector<int64_t> condensed_linear_output_shape(const at::Tensor& x, const at::Tensor& values);
 

@@ -283,22 +283,7 @@ def test_one_and_two_threads_give_identical_results(spec, kernel_path):
     assert_matches_reference(two, *sample.args)
 
 
-# ---- autograd: none yet --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("needs_grad", ["x", "values", "bias"])
-def test_backward_raises_not_implemented(needs_grad):
-    x, values, idx, bias = make_sample(SAMPLE_SPECS[0]).args
-    inputs = dict(x=x, values=values, bias=bias)
-    inputs[needs_grad].requires_grad_()
-    y = condensed_ops.condensed_linear(inputs["x"], inputs["values"], idx, inputs["bias"])
-    assert y.requires_grad
-    with pytest.raises(RuntimeError, match="not implemented"):
-        y.sum().backward()
-    assert all(t.grad is None for t in inputs.values())
-    y = condensed_ops.condensed_linear(inputs["x"], inputs["values"], idx, inputs["bias"])
-    with pytest.raises(RuntimeError, match="not implemented"):
-        torch.autograd.grad(y.sum(), inputs[needs_grad])
+# ---- autograd (gradients are tested in test_autograd.py) ----------------------------
 
 
 def test_no_graph_without_requires_grad():

@@ -24,26 +24,67 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
 
     Returns:
         ``[..., out_features]`` in ``x``'s dtype, summed in float32 (float64 for float64).
+
+    Differentiable in ``x``, ``values`` and ``bias`` (the backward is registered
+    in C++, so it also works in TorchScript models loaded without this package).
     """
     return torch.ops.condensed_ops.condensed_linear(x, values, idx, bias)
 
 
+def _check_weight_layout(values: Tensor, idx: Tensor) -> None:
+    torch._check_value(values.dim() == 2, lambda: f"condensed_linear: values must be 2-D [out_features, fan_in], got shape {list(values.shape)}")
+    _check_index_dtype(idx)
+    torch._check_value(idx.shape == values.shape, lambda: f"condensed_linear: idx must have the same shape as values, got idx {list(idx.shape)} and values {list(values.shape)}")
+    torch._check_type(values.dtype in _VALUE_DTYPES, lambda: f"condensed_linear: values must be float32, float16, bfloat16 or float64, got {values.dtype}")
+
+
+def _check_index_dtype(idx: Tensor) -> None:
+    torch._check_type(idx.dtype in _INDEX_DTYPES, lambda: f"condensed_linear: idx must be int16, int32 or int64, got {idx.dtype}")
+    torch._check_value(idx.dim() == 2, lambda: f"condensed_linear: idx must be 2-D [out_features, fan_in], got shape {list(idx.shape)}")
+
+
+def _check_same_device(name: str, t: Tensor, reference: Tensor, reference_name: str) -> None:
+    torch._check_value(t.device == reference.device, lambda: f"condensed_linear: {name} must be on {reference_name}'s device ({reference.device}), got {t.device}")
+
+
+# Fake (meta) kernels: the same shape/dtype contract as the C++ checks
+# (csrc/condensed_linear.cpp), with the same messages, so torch.compile reports
+# bad calls at trace time. Index values are data: only real kernels check them.
+
+
 @torch.library.register_fake("condensed_ops::condensed_linear")
 def _condensed_linear_fake(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    # The same shape/dtype contract as the C++ checks, so torch.compile reports
-    # bad calls at trace time with the same messages. Index values are data:
-    # only the real kernels can check them.
-    torch._check_value(values.dim() == 2, lambda: f"condensed_linear: values must be 2-D [out_features, fan_in], got shape {list(values.shape)}")
-    torch._check_value(idx.dim() == 2, lambda: f"condensed_linear: idx must be 2-D [out_features, fan_in], got shape {list(idx.shape)}")
-    torch._check_value(idx.shape == values.shape, lambda: f"condensed_linear: idx must have the same shape as values, got idx {list(idx.shape)} and values {list(values.shape)}")
+    _check_weight_layout(values, idx)
     torch._check_value(x.dim() >= 1, lambda: "condensed_linear: x must have at least 1 dimension [..., in_features], got a scalar")
-    torch._check_type(values.dtype in _VALUE_DTYPES, lambda: f"condensed_linear: values must be float32, float16, bfloat16 or float64, got {values.dtype}")
     torch._check_type(x.dtype == values.dtype, lambda: f"condensed_linear: x and values must share a dtype, got x {x.dtype} and values {values.dtype}")
-    torch._check_type(idx.dtype in _INDEX_DTYPES, lambda: f"condensed_linear: idx must be int16, int32 or int64, got {idx.dtype}")
-    torch._check_value(values.device == x.device, lambda: f"condensed_linear: values must be on x's device ({x.device}), got {values.device}")
-    torch._check_value(idx.device == x.device, lambda: f"condensed_linear: idx must be on x's device ({x.device}), got {idx.device}")
+    _check_same_device("values", values, x, "x")
+    _check_same_device("idx", idx, x, "x")
     if bias is not None:
         torch._check_value(bias.dim() == 1 and bias.shape[0] == values.shape[0], lambda: f"condensed_linear: bias must have shape [out_features] = [{values.shape[0]}], got {list(bias.shape)}")
         torch._check_type(bias.dtype == values.dtype, lambda: f"condensed_linear: bias must have values' dtype ({values.dtype}), got {bias.dtype}")
-        torch._check_value(bias.device == x.device, lambda: f"condensed_linear: bias must be on x's device ({x.device}), got {bias.device}")
+        _check_same_device("bias", bias, x, "x")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("condensed_ops::condensed_linear_grad_input")
+def _condensed_linear_grad_input_fake(grad_y: Tensor, values: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    _check_weight_layout(values, idx)
+    torch._check_value(grad_y.dim() >= 1 and grad_y.shape[-1] == values.shape[0], lambda: f"condensed_linear: grad_y must be [..., out_features] with out_features = {values.shape[0]}, got shape {list(grad_y.shape)}")
+    torch._check_type(grad_y.dtype == values.dtype, lambda: f"condensed_linear: grad_y must have values' dtype ({values.dtype}), got {grad_y.dtype}")
+    _check_same_device("values", values, grad_y, "grad_y")
+    _check_same_device("idx", idx, grad_y, "grad_y")
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+@torch.library.register_fake("condensed_ops::condensed_linear_grad_values")
+def _condensed_linear_grad_values_fake(grad_y: Tensor, x: Tensor, idx: Tensor) -> Tensor:
+    _check_index_dtype(idx)
+    torch._check_type(x.dtype in _VALUE_DTYPES, lambda: f"condensed_linear: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    torch._check_type(grad_y.dtype == x.dtype, lambda: f"condensed_linear: grad_y must have x's dtype ({x.dtype}), got {grad_y.dtype}")
+    torch._check_value(
+        x.dim() >= 1 and grad_y.dim() == x.dim() and grad_y.shape[-1] == idx.shape[0] and grad_y.shape[:-1] == x.shape[:-1],
+        lambda: f"condensed_linear: grad_y must be x's leading dims + [out_features = {idx.shape[0]}], got grad_y {list(grad_y.shape)} and x {list(x.shape)}",
+    )
+    _check_same_device("grad_y", grad_y, x, "x")
+    _check_same_device("idx", idx, x, "x")
+    return x.new_empty(idx.shape)

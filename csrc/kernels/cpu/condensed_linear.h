@@ -54,6 +54,35 @@ inline int64_t transposed_scratch_size(int64_t in_features) {
 template <typename index_t>
 int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limit);
 
+// ---- backward -----------------------------------------------------------
+//
+// grad_x = grad_y @ W runs the forward kernels over W's transposed layout:
+// for each input column, the outputs that read it and their weights, in
+// increasing output order, so every sum has one fixed order (deterministic,
+// and no two threads ever write the same grad_x element).
+// column_offsets gets in_features + 1 entries, rows/column_values entries().
+template <typename scalar_t, typename index_t, typename row_index_t>
+void transpose_layout(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
+                      int64_t in_features, int64_t* column_offsets, row_index_t* rows, scalar_t* column_values);
+
+// grad_values[o, j] = sum_b grad_y[b, o] * x[b, idx[o, j]], from the transposed
+// (batch-contiguous) x_t [in_features, stride] and grad_y_t [out_features,
+// stride]: one dot product of `length` contiguous elements per weight. Adds to
+// grad when `accumulate`, so callers can walk the batch in cache-sized chunks.
+// length must be a multiple of kGradValuesBatchMultiple (pad with zeros).
+constexpr int64_t kGradValuesBatchMultiple = 16;
+template <typename acc, typename index_t>
+struct GradValuesProblem {
+  const acc* x_t;
+  const acc* grad_y_t;
+  int64_t stride;
+  int64_t length;
+  const index_t* idx;  // [out_features, fan_in], every entry validated
+  int64_t fan_in;
+  acc* grad;           // [out_features, fan_in]
+  bool accumulate;
+};
+
 namespace portable {
 template <typename scalar_t, typename index_t>
 bool gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end);
@@ -61,6 +90,9 @@ bool gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begi
 template <typename scalar_t, typename index_t>
 void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
                 int64_t out_begin, int64_t out_end, acc_t<scalar_t>* scratch);
+
+template <typename acc, typename index_t>
+void grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, int64_t out_end);
 }  // namespace portable
 
 // AVX2+FMA+F16C flavour for float, Half and BFloat16 values. Built only when
@@ -75,9 +107,12 @@ bool gather(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begi
 template <typename scalar_t, typename index_t>
 void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
                 int64_t out_begin, int64_t out_end, float* scratch);
+
+template <typename index_t>
+void grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end);
 }  // namespace avx2
 
-// AVX-512F flavour of the transposed strategy (same value types as avx2).
+// AVX-512F flavour of the transposed strategy and grad_values (same value types as avx2).
 // Built when CMake defines CONDENSED_OPS_WITH_AVX512.
 namespace avx512 {
 bool cpu_supports();
@@ -85,6 +120,9 @@ bool cpu_supports();
 template <typename scalar_t, typename index_t>
 void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batch_begin,
                 int64_t out_begin, int64_t out_end, float* scratch);
+
+template <typename index_t>
+void grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end);
 }  // namespace avx512
 
 }  // namespace condensed_ops::kernels

@@ -125,6 +125,8 @@ struct Avx2Vec {
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static reg fmadd(reg a, reg b, reg acc) { return _mm256_fmadd_ps(a, b, acc); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static float sum(reg v) { return horizontal_sum(v); }
 };
 // kOutputs * (32 rows / 8 lanes) = 8 accumulators, plus the broadcast and the
 // loads, fit the 16 ymm registers.
@@ -153,6 +155,13 @@ void transposed(const Problem<scalar_t, index_t>& p, int64_t batch_begin, int64_
                 int64_t out_end, float* scratch) {
   simd::transposed<Avx2Vec, kBlockOutputs>(p, batch_begin, out_begin, out_end, scratch);
 }
+
+template <typename index_t>
+void grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
+  simd::grad_values<Avx2Vec>(p, out_begin, out_end);
+}
+template void grad_values<int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
+template void grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                    \
   template bool gather<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);        \

@@ -1,6 +1,7 @@
 // Portable kernels: plain C++ that builds on any compiler and architecture.
 // They double as the reference structure for the SIMD flavours.
 #include <algorithm>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -87,7 +88,40 @@ void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batc
   }
 }
 
+template <typename acc, typename index_t>
+void grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, int64_t out_end) {
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const acc* grad_y = p.grad_y_t + o * p.stride;
+    for (int64_t j = 0; j < p.fan_in; ++j) {
+      const acc* x = p.x_t + int64_t(p.idx[o * p.fan_in + j]) * p.stride;
+      acc sum = 0;
+      for (int64_t b = 0; b < p.length; ++b) sum += grad_y[b] * x[b];
+      acc& out = p.grad[o * p.fan_in + j];
+      out = p.accumulate ? out + sum : sum;
+    }
+  }
+}
+
 }  // namespace portable
+
+template <typename scalar_t, typename index_t, typename row_index_t>
+void transpose_layout(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
+                      int64_t in_features, int64_t* column_offsets, row_index_t* rows, scalar_t* column_values) {
+  // Counting sort by column; visiting entries in (o, j) order keeps each
+  // column's outputs ascending.
+  std::fill(column_offsets, column_offsets + in_features + 1, 0);
+  const int64_t entries = out_features * fan_in;
+  for (int64_t e = 0; e < entries; ++e) ++column_offsets[int64_t(idx[e]) + 1];
+  for (int64_t c = 0; c < in_features; ++c) column_offsets[c + 1] += column_offsets[c];
+  std::vector<int64_t> cursor(column_offsets, column_offsets + in_features);
+  for (int64_t o = 0; o < out_features; ++o) {
+    for (int64_t j = 0; j < fan_in; ++j) {
+      const int64_t at = cursor[idx[o * fan_in + j]]++;
+      rows[at] = row_index_t(o);
+      column_values[at] = values[o * fan_in + j];
+    }
+  }
+}
 
 bool avx2::cpu_supports() {
 #if defined(CONDENSED_OPS_WITH_AVX2)
@@ -123,6 +157,26 @@ CONDENSED_OPS_INSTANTIATE(Half, int32_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
 #undef CONDENSED_OPS_INSTANTIATE
+
+#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                     \
+  template void transpose_layout<scalar_t, index_t, int16_t>(const scalar_t*, const index_t*, int64_t, int64_t, \
+                                                             int64_t, int64_t*, int16_t*, scalar_t*);         \
+  template void transpose_layout<scalar_t, index_t, int32_t>(const scalar_t*, const index_t*, int64_t, int64_t, \
+                                                             int64_t, int64_t*, int32_t*, scalar_t*);
+CONDENSED_OPS_INSTANTIATE(float, int16_t)
+CONDENSED_OPS_INSTANTIATE(float, int32_t)
+CONDENSED_OPS_INSTANTIATE(double, int16_t)
+CONDENSED_OPS_INSTANTIATE(double, int32_t)
+CONDENSED_OPS_INSTANTIATE(Half, int16_t)
+CONDENSED_OPS_INSTANTIATE(Half, int32_t)
+CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
+CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
+#undef CONDENSED_OPS_INSTANTIATE
+
+template void portable::grad_values<float, int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
+template void portable::grad_values<float, int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
+template void portable::grad_values<double, int16_t>(const GradValuesProblem<double, int16_t>&, int64_t, int64_t);
+template void portable::grad_values<double, int32_t>(const GradValuesProblem<double, int32_t>&, int64_t, int64_t);
 
 template int64_t first_index_out_of_range<int16_t>(const int16_t*, int64_t, int64_t);
 template int64_t first_index_out_of_range<int32_t>(const int32_t*, int64_t, int64_t);

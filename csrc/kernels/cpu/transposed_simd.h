@@ -2,7 +2,7 @@
 // once per instruction set (condensed_linear_avx2.cpp, _avx512.cpp). Include
 // only from files built with flags for that instruction set. Vec provides:
 //   reg, kLanes, zero(), broadcast(float), load(const float*),
-//   store(float*, reg), fmadd(a, b, acc) = a * b + acc.
+//   store(float*, reg), fmadd(a, b, acc) = a * b + acc, sum(reg) (horizontal).
 #pragma once
 
 #include <immintrin.h>
@@ -160,6 +160,30 @@ void transposed(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t batc
     transposed_block<Vec, 1>(p, xt, o, result);
     const float bias = p.bias ? load1(p.bias[o]) : 0.f;
     for (int64_t i = 0; i < rows; ++i) y[i * p.out_features + o] = store1<scalar_t>(result[0][i] + bias);
+  }
+}
+
+// grad_values: one dot product over the batch per weight. The weight's
+// grad_y row stays in L1 across its fan_in dots; two accumulators per dot
+// keep two FMA chains in flight.
+template <class Vec, typename index_t>
+void grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
+  static_assert(kGradValuesBatchMultiple % (2 * Vec::kLanes) == 0 || kGradValuesBatchMultiple == Vec::kLanes);
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const float* grad_y = p.grad_y_t + o * p.stride;
+    for (int64_t j = 0; j < p.fan_in; ++j) {
+      const float* x = p.x_t + int64_t(p.idx[o * p.fan_in + j]) * p.stride;
+      auto acc0 = Vec::zero(), acc1 = Vec::zero();
+      int64_t b = 0;
+      for (; b + 2 * Vec::kLanes <= p.length; b += 2 * Vec::kLanes) {
+        acc0 = Vec::fmadd(Vec::load(grad_y + b), Vec::load(x + b), acc0);
+        acc1 = Vec::fmadd(Vec::load(grad_y + b + Vec::kLanes), Vec::load(x + b + Vec::kLanes), acc1);
+      }
+      if (b < p.length) acc0 = Vec::fmadd(Vec::load(grad_y + b), Vec::load(x + b), acc0);
+      const float sum = Vec::sum(Vec::add(acc0, acc1));
+      float& out = p.grad[o * p.fan_in + j];
+      out = p.accumulate ? out + sum : sum;
+    }
   }
 }
 
