@@ -234,9 +234,13 @@ at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::T
       with_index_type(rows, [&](auto row_tag) {
         using index_t = decltype(index_tag);
         using row_index_t = decltype(row_tag);
-        k::transpose_layout(kernel_ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(), out_features, fan_in,
-                            in_features, column_offsets.data_ptr<int64_t>(), rows.data_ptr<row_index_t>(),
-                            kernel_ptr<scalar_t>(column_values));
+        k::transposed_column_offsets(idx_c.data_ptr<index_t>(), out_features * fan_in, in_features,
+                                     column_offsets.data_ptr<int64_t>());
+        at::parallel_for(0, in_features, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
+          k::fill_transposed_columns(kernel_ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(), out_features, fan_in,
+                                     column_offsets.data_ptr<int64_t>(), begin, end, rows.data_ptr<row_index_t>(),
+                                     kernel_ptr<scalar_t>(column_values));
+        });
         k::CondensedLinearProblem<kernel_scalar_t, row_index_t> p{
             grad_y_2d.data_ptr<acc>(), grad_y_2d.stride(0),
             kernel_ptr<scalar_t>(column_values), rows.data_ptr<row_index_t>(), nullptr,

@@ -60,10 +60,16 @@ int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limi
 // for each input column, the outputs that read it and their weights, in
 // increasing output order, so every sum has one fixed order (deterministic,
 // and no two threads ever write the same grad_x element).
-// column_offsets gets in_features + 1 entries, rows/column_values entries().
+// Built by a counting sort in two steps: column_offsets (in_features + 1
+// entries) from a histogram, then each thread fills a range of columns
+// (every thread reads all of idx but writes only its columns' entries).
+template <typename index_t>
+void transposed_column_offsets(const index_t* idx, int64_t entries, int64_t in_features, int64_t* column_offsets);
+
 template <typename scalar_t, typename index_t, typename row_index_t>
-void transpose_layout(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
-                      int64_t in_features, int64_t* column_offsets, row_index_t* rows, scalar_t* column_values);
+void fill_transposed_columns(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
+                             const int64_t* column_offsets, int64_t column_begin, int64_t column_end,
+                             row_index_t* rows, scalar_t* column_values);
 
 // grad_values[o, j] = sum_b grad_y[b, o] * x[b, idx[o, j]], from the transposed
 // (batch-contiguous) x_t [in_features, stride] and grad_y_t [out_features,

@@ -104,25 +104,6 @@ void grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, in
 
 }  // namespace portable
 
-template <typename scalar_t, typename index_t, typename row_index_t>
-void transpose_layout(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
-                      int64_t in_features, int64_t* column_offsets, row_index_t* rows, scalar_t* column_values) {
-  // Counting sort by column; visiting entries in (o, j) order keeps each
-  // column's outputs ascending.
-  std::fill(column_offsets, column_offsets + in_features + 1, 0);
-  const int64_t entries = out_features * fan_in;
-  for (int64_t e = 0; e < entries; ++e) ++column_offsets[int64_t(idx[e]) + 1];
-  for (int64_t c = 0; c < in_features; ++c) column_offsets[c + 1] += column_offsets[c];
-  std::vector<int64_t> cursor(column_offsets, column_offsets + in_features);
-  for (int64_t o = 0; o < out_features; ++o) {
-    for (int64_t j = 0; j < fan_in; ++j) {
-      const int64_t at = cursor[idx[o * fan_in + j]]++;
-      rows[at] = row_index_t(o);
-      column_values[at] = values[o * fan_in + j];
-    }
-  }
-}
-
 bool avx2::cpu_supports() {
 #if defined(CONDENSED_OPS_WITH_AVX2)
   // Every AVX2 CPU has F16C in practice, but the fp16 loads rely on it, so ask.
@@ -142,6 +123,31 @@ bool avx512::cpu_supports() {
 #endif
 }
 
+
+template <typename index_t>
+void transposed_column_offsets(const index_t* idx, int64_t entries, int64_t in_features, int64_t* column_offsets) {
+  std::fill(column_offsets, column_offsets + in_features + 1, 0);
+  for (int64_t e = 0; e < entries; ++e) ++column_offsets[int64_t(idx[e]) + 1];
+  for (int64_t c = 0; c < in_features; ++c) column_offsets[c + 1] += column_offsets[c];
+}
+
+template <typename scalar_t, typename index_t, typename row_index_t>
+void fill_transposed_columns(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
+                             const int64_t* column_offsets, int64_t column_begin, int64_t column_end,
+                             row_index_t* rows, scalar_t* column_values) {
+  // Visiting entries in (o, j) order keeps each column's outputs ascending.
+  std::vector<int64_t> cursor(column_offsets + column_begin, column_offsets + column_end);
+  for (int64_t o = 0; o < out_features; ++o) {
+    for (int64_t j = 0; j < fan_in; ++j) {
+      const int64_t c = idx[o * fan_in + j];
+      if (c < column_begin || c >= column_end) continue;
+      const int64_t at = cursor[c - column_begin]++;
+      rows[at] = row_index_t(o);
+      column_values[at] = values[o * fan_in + j];
+    }
+  }
+}
+
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                              \
   template bool portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, \
                                                     int64_t, int64_t);                            \
@@ -158,11 +164,13 @@ CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
 #undef CONDENSED_OPS_INSTANTIATE
 
-#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                     \
-  template void transpose_layout<scalar_t, index_t, int16_t>(const scalar_t*, const index_t*, int64_t, int64_t, \
-                                                             int64_t, int64_t*, int16_t*, scalar_t*);         \
-  template void transpose_layout<scalar_t, index_t, int32_t>(const scalar_t*, const index_t*, int64_t, int64_t, \
-                                                             int64_t, int64_t*, int32_t*, scalar_t*);
+#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                      \
+  template void fill_transposed_columns<scalar_t, index_t, int16_t>(const scalar_t*, const index_t*, int64_t, \
+                                                                    int64_t, const int64_t*, int64_t, int64_t, \
+                                                                    int16_t*, scalar_t*);                      \
+  template void fill_transposed_columns<scalar_t, index_t, int32_t>(const scalar_t*, const index_t*, int64_t, \
+                                                                    int64_t, const int64_t*, int64_t, int64_t, \
+                                                                    int32_t*, scalar_t*);
 CONDENSED_OPS_INSTANTIATE(float, int16_t)
 CONDENSED_OPS_INSTANTIATE(float, int32_t)
 CONDENSED_OPS_INSTANTIATE(double, int16_t)
@@ -172,6 +180,9 @@ CONDENSED_OPS_INSTANTIATE(Half, int32_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
 #undef CONDENSED_OPS_INSTANTIATE
+
+template void transposed_column_offsets<int16_t>(const int16_t*, int64_t, int64_t, int64_t*);
+template void transposed_column_offsets<int32_t>(const int32_t*, int64_t, int64_t, int64_t*);
 
 template void portable::grad_values<float, int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
 template void portable::grad_values<float, int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
