@@ -99,16 +99,18 @@ void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa i
   using acc = k::acc_t<scalar_t>;
   constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
   const int64_t tiles = (p.batch + k::kTransposedTileRows - 1) / k::kTransposedTileRows;
-  // Split outputs too when there are fewer tiles than threads can use; each
+  // Threads split the outputs, each walking all tiles over its own slice of
+  // the weights: a slice stays in that core's L2 across tiles, where splitting
+  // by tiles would make every core stream all weights once per tile. Each
   // task re-transposes its tile, which costs in_features*16, not out*fan_in.
-  const int64_t wanted_chunks = (2 * at::get_num_threads() + tiles - 1) / tiles;
-  const int64_t out_chunks = std::clamp<int64_t>(wanted_chunks, 1, std::max<int64_t>(1, p.out_features / 64));
+  const int64_t out_chunks =
+      std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
   const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
   at::parallel_for(0, tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> scratch(k::transposed_scratch_size(p.in_features));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row0 = (task / out_chunks) * k::kTransposedTileRows;
-      const int64_t out_begin = std::min(p.out_features, (task % out_chunks) * chunk_outputs);
+      const int64_t row0 = (task % tiles) * k::kTransposedTileRows;  // chunk-major: a thread keeps its slice
+      const int64_t out_begin = std::min(p.out_features, (task / tiles) * chunk_outputs);
       const int64_t out_end = std::min(p.out_features, out_begin + chunk_outputs);
       if (out_begin == out_end) continue;
       if constexpr (!std::is_same_v<scalar_t, double>) {
