@@ -9,9 +9,23 @@ weights (``values [out, k]``) and the input columns they read (``idx [out, k]``)
 import torch  # noqa: F401  -- loads libtorch before the extension that links it
 
 from . import _C  # noqa: F401  -- registers torch.ops.condensed_ops.*
+from . import masks, srigl
+from .convert import CondenseReport, condense
 from .layout import to_condensed, to_dense
+from .modules import CondensedConv2d, CondensedLinear
 from .ops import condensed_linear
 
 __version__: str = _C.__version__
 
-__all__ = ["condensed_linear", "to_condensed", "to_dense", "__version__"]
+__all__ = [
+    "CondenseReport",
+    "CondensedConv2d",
+    "CondensedLinear",
+    "condense",
+    "condensed_linear",
+    "masks",
+    "srigl",
+    "to_condensed",
+    "to_dense",
+    "__version__",
+]

@@ -1,0 +1,239 @@
+"""``condense``: swap a model's sparse ``nn.Linear`` / ``nn.Conv2d`` layers for their
+condensed modules, and report what was converted and what was not, and why."""
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .modules import CondensedConv2d, CondensedLayer, CondensedLinear, RowPlan, _format_bytes, conv2d_unsupported_reason, plan_rows
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """One converted layer.
+
+    Attributes:
+        name: its name in the model (the first, when the same module sits at several).
+        kind: ``"Linear"`` or ``"Conv2d"``.
+        out_features, in_features: the weight's rows and columns (a conv's columns
+            are ``in_channels * kh * kw``).
+        fan_in: entries stored per active neuron.
+        density: stored entries (padding included) over ``out_features * in_features``.
+        ablated_neurons: rows with no kept entry, not stored.
+        padded_entries: zero-valued entries added to even out the rows.
+        padding_fraction: ``padded_entries`` over the stored entries.
+        dense_bytes, condensed_bytes: weight and bias bytes before, all stored bytes after.
+    """
+
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    fan_in: int
+    density: float
+    ablated_neurons: int
+    padded_entries: int
+    padding_fraction: float
+    dense_bytes: int
+    condensed_bytes: int
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A Linear / Conv2d left as it was, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Sequence[bool]) -> List[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in zip(cells, widths, right_aligned)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+
+
+@dataclass
+class CondenseReport:
+    """What :func:`condense` did. ``str(report)`` is a table; ``model`` is the
+    converted model (the one passed in when ``inplace=True``)."""
+
+    model: nn.Module = field(repr=False)
+    converted: List[ConvertedLayer] = field(default_factory=list)
+    skipped: List[SkippedLayer] = field(default_factory=list)
+
+    def dense_bytes(self) -> int:
+        """Bytes the converted layers took before."""
+        return sum(layer.dense_bytes for layer in self.converted)
+
+    def condensed_bytes(self) -> int:
+        """Bytes the converted layers take now."""
+        return sum(layer.condensed_bytes for layer in self.converted)
+
+    def __str__(self) -> str:
+        total = len(self.converted) + len(self.skipped)
+        dense, condensed = self.dense_bytes(), self.condensed_bytes()
+        lines = [f"condense: converted {len(self.converted)} of {total} Linear/Conv2d layers"]
+        if self.converted:
+            lines[0] += f", {_format_bytes(dense)} -> {_format_bytes(condensed)} ({100 * condensed / max(dense, 1):.1f}%)"
+            rows = [
+                [
+                    layer.name,
+                    layer.kind,
+                    f"{layer.out_features}x{layer.in_features}",
+                    str(layer.fan_in),
+                    f"{layer.density:.3f}",
+                    str(layer.ablated_neurons),
+                    f"{layer.padded_entries} ({100 * layer.padding_fraction:.1f}%)",
+                    _format_bytes(layer.dense_bytes),
+                    _format_bytes(layer.condensed_bytes),
+                ]
+                for layer in self.converted
+            ]
+            header = ["name", "kind", "out x in", "fan-in", "density", "ablated", "padding", "dense", "condensed"]
+            lines += _table(header, rows, [False, False, True, True, True, True, True, True, True])
+        if self.skipped:
+            lines += ["", "skipped:"]
+            rows = [[layer.name, layer.kind, layer.reason] for layer in self.skipped]
+            lines += _table(["name", "kind", "reason"], rows, [False, False, False])
+        return "\n".join(lines)
+
+
+_CONVERTIBLE_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _display_name(name: str) -> str:
+    return name if name else "(model)"
+
+
+def _skip_reason(name: str, module: nn.Module, shared_parameters: Mapping[int, int]) -> Optional[str]:
+    """Why ``module`` cannot be swapped regardless of its weights, or None."""
+    if type(module) not in _CONVERTIBLE_TYPES:
+        return f"a subclass ({type(module).__name__}) may behave differently or have its weight read by its owner"
+    if not name:
+        return "the model is itself the layer: use CondensedLinear.from_linear / CondensedConv2d.from_conv2d"
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return "has hooks (e.g. spectral or weight norm) that the swap would drop"
+    if any(shared_parameters[id(p)] > 1 for p in module.parameters(recurse=False)):
+        return "its weight or bias is shared with another module (tied)"
+    if isinstance(module, nn.Conv2d):
+        return conv2d_unsupported_reason(module)
+    return None
+
+
+def condense(
+    model: nn.Module,
+    max_density: float = 0.5,
+    *,
+    max_padding: float = 0.25,
+    masks: Optional[Mapping[str, Tensor]] = None,
+    index_dtype: Optional[torch.dtype] = None,
+    inplace: bool = True,
+) -> CondenseReport:
+    """Replace every eligible ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a
+    :class:`CondensedLinear` / :class:`CondensedConv2d` computing the same function.
+
+    A layer's kept weights are ``masks[name]`` (e.g. an SRigL mask) or, without
+    one, its nonzeros. A layer is left as it is, and listed in ``report.skipped``
+    with the reason, when it is:
+
+    - too dense to gain: stored density (padding included) above ``max_density``.
+      At density ``d`` a float32 layer with int16 indices stores ``6d`` bytes per
+      dense weight against 4 (even at 2/3); the default 0.5 leaves a margin for
+      compute, where a dense GEMM does each multiply-add faster than a gather;
+    - too uneven: padding the active rows to a constant fan-in would make more than
+      ``max_padding`` of the stored entries zeros;
+    - a Conv2d with groups != 1, a padding mode other than zeros, or ``"same"``
+      padding that would be uneven;
+    - the model itself, a subclass of Linear / Conv2d, a layer with hooks, or one
+      whose parameters are shared with another module (the swap would break them).
+
+    A module reachable under several names is converted once and replaced at every one.
+
+    Args:
+        model: the model; its layers are found by ``named_modules()``.
+        max_density, max_padding: the thresholds above.
+        masks: ``{layer name: bool mask in the weight's shape}``.
+        index_dtype: for every converted layer; None picks int16 when it reaches every column.
+        inplace: False converts a deep copy and leaves ``model`` as it was.
+
+    Returns:
+        A :class:`CondenseReport`; ``report.model`` is the converted model.
+    """
+    if not 0.0 <= max_density <= 1.0:
+        raise ValueError(f"max_density must be in [0, 1], got {max_density!r}")
+    if not 0.0 <= max_padding <= 1.0:
+        raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
+    masks = dict(masks or {})
+    if not inplace:
+        model = copy.deepcopy(model)
+    names_of: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
+    unknown = set(masks) - {name for names in names_of.values() for name in names}
+    if unknown:
+        raise ValueError(f"masks names modules the model does not have: {sorted(unknown)}")
+    # Owners per parameter, each module counted once: a module reachable under
+    # several names is shared whole (and converted once), a tied weight is not.
+    shared_parameters = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
+
+    report = CondenseReport(model=model)
+    replacements: List[Tuple[List[str], CondensedLayer]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _CONVERTIBLE_TYPES):
+            continue
+        kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+        names = names_of[id(module)]
+        reason = _skip_reason(name, module, shared_parameters)
+        mask = next((masks[n] for n in names if n in masks), None)
+        plan: Optional[RowPlan] = None
+        if reason is None:
+            plan = plan_rows(module.weight, mask)
+            if plan.density > max_density:
+                reason = f"too dense to gain: density {plan.density:.3f} > max_density {max_density}"
+            elif plan.padding_fraction > max_padding:
+                reason = (
+                    f"uneven fan-in: padding would be {100 * plan.padding_fraction:.1f}% of the stored entries "
+                    f"> max_padding {100 * max_padding:.0f}%"
+                )
+        if reason is not None:
+            report.skipped.append(SkippedLayer(_display_name(name), kind, reason))
+            continue
+        assert plan is not None
+        if isinstance(module, nn.Linear):
+            condensed: CondensedLayer = CondensedLinear._from_plan(module.weight, module.bias, plan, index_dtype)
+        else:
+            condensed = CondensedConv2d._from_plan(module, plan, index_dtype)
+        condensed.train(module.training)
+        replacements.append((names, condensed))
+        report.converted.append(
+            ConvertedLayer(
+                name=name,
+                kind=kind,
+                out_features=plan.out_features,
+                in_features=plan.in_features,
+                fan_in=plan.fan_in,
+                density=plan.density,
+                ablated_neurons=plan.ablated_neurons,
+                padded_entries=plan.padded_entries,
+                padding_fraction=plan.padding_fraction,
+                dense_bytes=sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)),
+                condensed_bytes=condensed.storage_bytes(),
+            )
+        )
+    # Swap after the walk: named_modules must not see the model change under it.
+    for names, condensed in replacements:
+        for name in names:
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, condensed)
+    return report
+
+
+__all__ = ["CondenseReport", "ConvertedLayer", "SkippedLayer", "condense"]

@@ -1,0 +1,508 @@
+"""Drop-in ``nn.Module``s that run constant fan-in layers on the condensed kernels.
+
+:class:`CondensedLinear` replaces an ``nn.Linear`` and :class:`CondensedConv2d` an
+``nn.Conv2d`` (groups=1, zeros padding) whose weight keeps the same number of
+entries in every active row. Both store the weight's rows ``[out, in]`` (a conv's
+``in`` is ``C_in * kh * kw``) the way :class:`CondensedLayer` describes:
+
+- ``values [active, fan_in]`` (a Parameter) and ``idx [active, fan_in]`` (int16 when
+  ``in <= 32767``, else int32) hold the active rows only;
+- a row with no kept entry is an *ablated neuron*: it is not stored and costs
+  nothing in the kernel; its output is its bias (or 0). ``active_rows`` (int64
+  ``[active]``, a buffer that exists only when some row is ablated) places the
+  active rows' outputs;
+- active rows with unequal counts are padded to the largest with zero-valued
+  entries (:func:`~condensed_ops.masks.pad_to_constant_fan_in`); ``padded_entries``
+  says how many.
+
+Every forward goes through the one op, :func:`condensed_ops.condensed_linear`, so the
+modules train (its autograd is C++), script (also after save/load) and compile
+(``fullgraph=True``).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layout import default_index_dtype, to_condensed
+from .layout import to_dense as _condensed_to_dense
+from .masks import pad_to_constant_fan_in
+from .ops import condensed_linear
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+# ---- how a weight's rows are stored --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the rows ``[out, in]`` of a weight are stored condensed; computed by
+    :func:`plan_rows` before anything is built, so :func:`~condensed_ops.condense`
+    can decide whether a layer is worth converting.
+
+    Attributes:
+        kept: bool ``[out, in]``, the entries stored (the padding included).
+        padding: bool ``[out, in]``, the zero-valued entries added to even the rows out.
+        active_rows: int64 ``[active]``, the rows with at least one kept entry, ascending.
+        fan_in: entries stored per active row.
+        padded_entries: ``padding.sum()``.
+        padding_fraction: ``padded_entries`` over the stored entries: the share of
+            kernel work spent on zeros.
+    """
+
+    kept: Tensor
+    padding: Tensor
+    active_rows: Tensor
+    fan_in: int
+    padded_entries: int
+    padding_fraction: float
+
+    @property
+    def out_features(self) -> int:
+        return self.kept.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.kept.shape[1]
+
+    @property
+    def ablated_neurons(self) -> int:
+        return self.out_features - self.active_rows.numel()
+
+    @property
+    def density(self) -> float:
+        """Stored entries over the dense weight's: what the kernel reads and computes."""
+        dense_entries = self.out_features * self.in_features
+        return self.active_rows.numel() * self.fan_in / dense_entries if dense_entries else 0.0
+
+
+def plan_rows(weight: Tensor, mask: Optional[Tensor] = None) -> RowPlan:
+    """Plan the condensed storage of ``weight`` ``[out, in, *kernel]`` (rows are ``flatten(1)``).
+
+    The kept entries are ``mask`` (same shape as ``weight``) or, without one, the
+    nonzeros of ``weight``. Rows keeping nothing are ablated; the others are padded
+    up to the largest row count.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have at least 2 dims [out, in, *kernel], got shape {list(weight.shape)}")
+    if mask is None:
+        kept = weight.detach().flatten(1) != 0
+    elif mask.shape != weight.shape:
+        raise ValueError(f"mask must have the weight's shape {list(weight.shape)}, got {list(mask.shape)}")
+    else:
+        kept = mask.to(device=weight.device, dtype=torch.bool).flatten(1)
+
+    row_counts = kept.sum(dim=1)
+    active = row_counts > 0
+    active_counts = row_counts[active]
+    padding = torch.zeros_like(kept)
+    padded_entries, padding_fraction = 0, 0.0
+    if active_counts.numel() and int(active_counts.min()) != int(active_counts.max()):
+        padded, report = pad_to_constant_fan_in(kept, pad_empty_rows=False)
+        padding = padded & ~kept
+        kept = padded
+        padded_entries, padding_fraction = report.padded_entries, report.padding_fraction
+    return RowPlan(
+        kept=kept,
+        padding=padding,
+        active_rows=active.nonzero().flatten(),
+        fan_in=int(active_counts.max()) if active_counts.numel() else 0,
+        padded_entries=padded_entries,
+        padding_fraction=padding_fraction,
+    )
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024 or unit == "MiB":
+            return f"{count} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _tensor_bytes(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+# ---- the shared storage -------------------------------------------------------------------
+
+
+class CondensedLayer(nn.Module):
+    """The weight rows ``[out_features, in_features]`` of a constant fan-in layer,
+    stored condensed (see the module docstring); subclasses decide what a row's
+    input is (:class:`CondensedLinear`: the last dim of ``x``; :class:`CondensedConv2d`:
+    an image patch).
+
+    Attributes:
+        values: Parameter ``[active_neurons, fan_in]``.
+        idx: buffer ``[active_neurons, fan_in]``, the column of each value, ascending per row.
+        bias: Parameter ``[out_features]`` or None; ablated neurons keep theirs.
+        active_rows: int64 buffer ``[active_neurons]``, or None when no row is ablated.
+        ablated_rows, output_order: derived from ``active_rows`` (not saved): the
+            ablated rows, and where each neuron's output sits in the active
+            outputs followed by the ablated ones.
+        padded_entries: zero-valued entries added when converting to even out the
+            rows (a module made by its constructor, or filled by ``load_state_dict``,
+            reports 0: it is a fact of the conversion, not part of the state dict).
+            They are trainable like every stored entry.
+    """
+
+    in_features: int
+    out_features: int
+    fan_in: int
+    active_neurons: int
+    padded_entries: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fan_in: int,
+        bias: bool,
+        active_neurons: Optional[int],
+        index_dtype: Optional[torch.dtype],
+        device: Optional[Union[str, torch.device]],
+        dtype: Optional[torch.dtype],
+    ) -> None:
+        super().__init__()
+        active_neurons = out_features if active_neurons is None else active_neurons
+        if not 0 <= fan_in <= in_features:
+            raise ValueError(f"fan_in must be in [0, in_features={in_features}], got {fan_in}")
+        if not 0 <= active_neurons <= out_features:
+            raise ValueError(f"active_neurons must be in [0, out_features={out_features}], got {active_neurons}")
+        index_dtype = default_index_dtype(in_features) if index_dtype is None else index_dtype
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in = fan_in
+        self.active_neurons = active_neurons
+        self.padded_entries = 0
+        self.values = nn.Parameter(torch.empty(active_neurons, fan_in, device=device, dtype=dtype))
+        self.register_buffer("idx", torch.empty(active_neurons, fan_in, device=device, dtype=index_dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        # The first active_neurons rows until a conversion or load_state_dict says which.
+        active_rows = torch.arange(active_neurons, device=device) if active_neurons < out_features else None
+        self.register_buffer("active_rows", active_rows)
+        self.register_buffer("ablated_rows", None, persistent=False)
+        self.register_buffer("output_order", None, persistent=False)
+        self._derive_output_order()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def _derive_output_order(self) -> None:
+        active_rows = self.active_rows
+        if active_rows is None:
+            return
+        is_active = torch.zeros(self.out_features, dtype=torch.bool, device=active_rows.device)
+        is_active[active_rows] = True
+        if is_active.device.type != "meta" and int(is_active.sum()) != active_rows.numel():
+            raise ValueError(f"active_rows must be distinct rows in [0, out_features={self.out_features}), got {active_rows.tolist()}")
+        # A stable sort rather than nonzero(), which a meta tensor (skip_init) cannot size.
+        inactive_first = torch.sort(is_active.to(torch.int8), stable=True).indices
+        self.ablated_rows = inactive_first[: self.out_features - active_rows.numel()]
+        self.output_order = torch.cat([active_rows, self.ablated_rows]).argsort()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._derive_output_order()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A random static-sparse layer: ``fan_in`` distinct random columns per active
+        row, and values and bias uniform in ``±1/sqrt(fan_in)`` (nn.Linear's default
+        for a dense layer of that fan-in)."""
+        columns = torch.rand(self.active_neurons, self.in_features, device=self.idx.device).argsort(dim=1)
+        self.idx.copy_(columns[:, : self.fan_in].sort(dim=1).values)
+        bound = 1 / math.sqrt(self.fan_in) if self.fan_in > 0 else 0.0
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def _load_rows(self, weight: Tensor, bias: Optional[Tensor], plan: RowPlan) -> None:
+        """Fill the storage from a dense ``weight`` (rows ``flatten(1)``) and its plan."""
+        rows = weight.detach().flatten(1)
+        # Zero what the plan pads with: padding may land on entries the mask dropped.
+        rows = rows.masked_fill(plan.padding, 0)
+        values, idx = to_condensed(rows[plan.active_rows], plan.kept[plan.active_rows], self.idx.dtype)
+        self.values.copy_(values)
+        self.idx.copy_(idx)
+        if self.active_rows is not None:
+            self.active_rows.copy_(plan.active_rows)
+            self._derive_output_order()
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias.detach())
+        self.padded_entries = plan.padded_entries
+        # A frozen layer stays frozen; a plain tensor gives a trainable module.
+        if isinstance(weight, nn.Parameter):
+            self.values.requires_grad_(weight.requires_grad)
+        if self.bias is not None and isinstance(bias, nn.Parameter):
+            self.bias.requires_grad_(bias.requires_grad)
+
+    def _condensed_rows(self, x: Tensor) -> Tensor:
+        """``[..., in_features]`` -> ``[..., out_features]``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got shape {list(x.shape)}")
+        bias = self.bias
+        active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
+        if active_rows is None or ablated_rows is None or output_order is None:
+            return condensed_linear(x, self.values, self.idx, bias)
+        # The kernel computes the active rows only; ablated neurons output their bias (or 0).
+        active_out = condensed_linear(x, self.values, self.idx, None if bias is None else bias.index_select(0, active_rows))
+        ablated_shape: List[int] = list(active_out.shape[:-1])
+        ablated_shape.append(ablated_rows.numel())
+        ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
+        # One gather along the last dim puts the neurons back in order: about twice
+        # as fast as index_copy into a [..., out_features] tensor at batch 256.
+        return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
+
+    def _dense_rows(self) -> Tensor:
+        """The dense rows ``[out_features, in_features]`` (zeros for ablated neurons)."""
+        active_dense = _condensed_to_dense(self.values, self.idx, self.in_features)
+        if self.active_rows is None:
+            return active_dense
+        dense = active_dense.new_zeros(self.out_features, self.in_features)
+        return dense.index_copy(0, self.active_rows, active_dense)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the state dict: values, idx, bias and active_rows. (With ablated
+        rows, the derived ablated_rows and output_order add ``8 * (out_features +
+        ablated)`` bytes in memory.)"""
+        return sum(_tensor_bytes(t) for t in (self.values, self.idx, self.bias, self.active_rows))
+
+    def dense_storage_bytes(self) -> int:
+        """Bytes of the dense layer it replaces (weight and bias, same dtype)."""
+        return (self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)) * self.values.element_size()
+
+    def _storage_repr(self) -> str:
+        ratio = self.storage_bytes() / self.dense_storage_bytes() if self.dense_storage_bytes() else 0.0
+        return (
+            f"fan_in={self.fan_in}, ablated_neurons={self.out_features - self.active_neurons}, "
+            f"padded_entries={self.padded_entries}, bias={self.bias is not None}, index_dtype={self.idx.dtype}, "
+            f"storage={_format_bytes(self.storage_bytes())} ({100 * ratio:.1f}% of dense {_format_bytes(self.dense_storage_bytes())})"
+        )
+
+
+# ---- Linear -------------------------------------------------------------------------------
+
+
+class CondensedLinear(CondensedLayer):
+    """A constant fan-in ``nn.Linear``: ``y[..., o] = bias[o] + sum_j values[o, j] * x[..., idx[o, j]]``
+    over the active neurons, ``bias[o]`` (or 0) for ablated ones. ``x`` is ``[..., in_features]``.
+
+    Build one from a trained layer with :meth:`from_linear` / :meth:`from_dense`. The
+    constructor makes a random static-sparse layer of the given shape, which is also
+    the blank to ``load_state_dict`` into (``active_neurons`` fixes the stored rows;
+    None stores all ``out_features``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fan_in: int,
+        bias: bool = True,
+        *,
+        active_neurons: Optional[int] = None,
+        index_dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, fan_in, bias, active_neurons, index_dtype, device, dtype)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: Tensor,
+        bias: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        index_dtype: Optional[torch.dtype] = None,
+    ) -> "CondensedLinear":
+        """Condense a dense ``weight [out, in]`` keeping ``mask`` (or, without one, its nonzeros).
+
+        ``index_dtype`` None picks int16 when it reaches every column, else int32. A
+        Parameter ``weight`` / ``bias`` passes on its ``requires_grad``."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+        return cls._from_plan(weight, bias, plan_rows(weight, mask), index_dtype)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, mask: Optional[Tensor] = None, index_dtype: Optional[torch.dtype] = None
+    ) -> "CondensedLinear":
+        """Condense ``linear`` keeping ``mask`` (the weight's shape) or, without one, its
+        nonzero weights; ``values`` and ``bias`` keep its parameters' ``requires_grad``."""
+        return cls.from_dense(linear.weight, linear.bias, mask, index_dtype)
+
+    @classmethod
+    def _from_plan(
+        cls, weight: Tensor, bias: Optional[Tensor], plan: RowPlan, index_dtype: Optional[torch.dtype] = None
+    ) -> "CondensedLinear":
+        out_features, in_features = weight.shape
+        module = nn.utils.skip_init(
+            cls,
+            in_features,
+            out_features,
+            plan.fan_in,
+            bias is not None,
+            active_neurons=plan.active_rows.numel(),
+            index_dtype=index_dtype,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        module._load_rows(weight, bias, plan)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._condensed_rows(x)
+
+    def to_dense(self) -> Tensor:
+        """The equivalent dense weight ``[out_features, in_features]``."""
+        return self._dense_rows()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + self._storage_repr()
+
+
+# ---- Conv2d -------------------------------------------------------------------------------
+
+
+def _pair(value: _IntPair) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class CondensedConv2d(CondensedLayer):
+    """A constant fan-in ``nn.Conv2d`` (groups=1, zeros padding): each output channel
+    keeps ``fan_in`` of its ``in_channels * kh * kw`` weights.
+
+    Runs as ``F.unfold`` (patches ``[N, C_in*kh*kw, L]``), the condensed op over the
+    patch axis, and a reshape to ``[N, C_out, H_out, W_out]``. Inputs are
+    ``[N, C_in, H, W]`` or unbatched ``[C_in, H, W]``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntPair,
+        fan_in: int,
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        dilation: _IntPair = 1,
+        bias: bool = True,
+        *,
+        active_neurons: Optional[int] = None,
+        index_dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        kernel_size = _pair(kernel_size)
+        super().__init__(
+            in_channels * kernel_size[0] * kernel_size[1], out_channels, fan_in, bias, active_neurons, index_dtype, device, dtype
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+
+    @classmethod
+    def from_conv2d(
+        cls, conv: nn.Conv2d, mask: Optional[Tensor] = None, index_dtype: Optional[torch.dtype] = None
+    ) -> "CondensedConv2d":
+        """Condense ``conv`` keeping ``mask`` (the weight's shape) or, without one, its
+        nonzero weights; ``values`` and ``bias`` keep its parameters' ``requires_grad``."""
+        unsupported = conv2d_unsupported_reason(conv)
+        if unsupported is not None:
+            raise ValueError(f"CondensedConv2d.from_conv2d: {unsupported}")
+        return cls._from_plan(conv, plan_rows(conv.weight, mask), index_dtype)
+
+    @classmethod
+    def _from_plan(cls, conv: nn.Conv2d, plan: RowPlan, index_dtype: Optional[torch.dtype] = None) -> "CondensedConv2d":
+        module = nn.utils.skip_init(
+            cls,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            plan.fan_in,
+            conv.stride,
+            _explicit_padding(conv),
+            conv.dilation,
+            conv.bias is not None,
+            active_neurons=plan.active_rows.numel(),
+            index_dtype=index_dtype,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        module._load_rows(conv.weight, conv.bias, plan)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 and x.dim() != 4:
+            raise ValueError(f"expected input [N, C_in, H, W] or [C_in, H, W], got shape {list(x.shape)}")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got shape {list(x.shape)}")
+        out_height = self._output_size(x.shape[-2], 0)
+        out_width = self._output_size(x.shape[-1], 1)
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [(N,) C_in*kh*kw, L]
+        # The op takes any strides, so the transposed patches are not copied.
+        y = self._condensed_rows(patches.transpose(-1, -2))  # [(N,) L, C_out]
+        out_shape: List[int] = list(x.shape[:-3])
+        out_shape.extend([self.out_channels, out_height, out_width])
+        return y.transpose(-1, -2).reshape(out_shape)
+
+    def _output_size(self, size: int, dim: int) -> int:
+        reach = self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
+        return (size + 2 * self.padding[dim] - reach) // self.stride[dim] + 1
+
+    def to_dense(self) -> Tensor:
+        """The equivalent dense weight ``[out_channels, in_channels, kh, kw]``."""
+        return self._dense_rows().view(self.out_channels, self.in_channels, self.kernel_size[0], self.kernel_size[1])
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, " + self._storage_repr()
+        )
+
+
+def _explicit_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """``conv.padding`` as ints; None when ``"same"`` would need uneven padding."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        # "same" puts the odd pixel of an odd total on the far side; unfold pads evenly.
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(total % 2 for total in totals):
+            return None
+        return (totals[0] // 2, totals[1] // 2)
+    return _pair(conv.padding)
+
+
+def conv2d_unsupported_reason(conv: nn.Conv2d) -> Optional[str]:
+    """Why ``conv`` cannot become a :class:`CondensedConv2d`, or None if it can."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros')"
+    if _explicit_padding(conv) is None:
+        return f"padding='same' needs uneven padding (kernel_size={conv.kernel_size}, dilation={conv.dilation})"
+    return None
+
+
+__all__ = ["CondensedConv2d", "CondensedLayer", "CondensedLinear", "RowPlan", "conv2d_unsupported_reason", "plan_rows"]
