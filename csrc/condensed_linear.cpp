@@ -130,11 +130,17 @@ class CondensedLinearFunction : public torch::autograd::Function<CondensedLinear
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, values, idx});
     ctx->saved_data["has_bias"] = bias.has_value();
+    return forward_op().call(x, values, idx, bias);
+  }
+
+  static const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&)>&
+  forward_op() {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("condensed_ops::condensed_linear", "")
                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  const std::optional<at::Tensor>&)>();
-    return op.call(x, values, idx, bias);
+    return op;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -166,7 +172,12 @@ class CondensedLinearFunction : public torch::autograd::Function<CondensedLinear
 
 at::Tensor condensed_linear_autograd(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                      const std::optional<at::Tensor>& bias) {
-  return CondensedLinearFunction::apply(x, values, idx, bias);
+  // Inference skips the autograd node (a few microseconds, most of a small layer's call).
+  const bool needs_graph = at::GradMode::is_enabled() && (x.requires_grad() || values.requires_grad() ||
+                                                           (bias.has_value() && bias->requires_grad()));
+  if (needs_graph) return CondensedLinearFunction::apply(x, values, idx, bias);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return CondensedLinearFunction::forward_op().call(x, values, idx, bias);
 }
 
 TORCH_LIBRARY(condensed_ops, m) {

@@ -104,12 +104,17 @@ void grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, in
 
 }  // namespace portable
 
+// Asked once per process: CPUID traps to the hypervisor in a VM (~8 us a
+// call measured here), which would dominate a small layer's call.
 bool avx2::cpu_supports() {
 #if defined(CONDENSED_OPS_WITH_AVX2)
-  // Every AVX2 CPU has F16C in practice, but the fp16 loads rely on it, so ask.
-  unsigned eax, ebx, ecx, edx;
-  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
-  return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool supported = [] {
+    // Every AVX2 CPU has F16C in practice, but the fp16 loads rely on it, so ask.
+    unsigned eax, ebx, ecx, edx;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+    return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
 #else
   return false;
 #endif
@@ -117,7 +122,8 @@ bool avx2::cpu_supports() {
 
 bool avx512::cpu_supports() {
 #if defined(CONDENSED_OPS_WITH_AVX512)
-  return avx2::cpu_supports() && __builtin_cpu_supports("avx512f");
+  static const bool supported = avx2::cpu_supports() && __builtin_cpu_supports("avx512f");
+  return supported;
 #else
   return false;
 #endif
