@@ -1,0 +1,123 @@
+// Device helpers shared by the condensed_linear CUDA kernels: value
+// conversions, 16-byte packed loads, the shared-memory x slab and its gathers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "condensed_linear_cuda.h"
+
+namespace condensed_ops::kernels::cuda {
+
+// Elements per 16-byte vector: the width of every weight/index stream load.
+template <typename scalar_t> constexpr int kVector = int(16 / sizeof(scalar_t));
+
+// Widest batch tile per value type: one staged column (batch_tile values of x)
+// is at most 32 bytes, i.e. two 16-byte shared loads per gathered index.
+template <typename scalar_t> constexpr int kMaxBatchTile = sizeof(scalar_t) >= 8 ? 4 : sizeof(scalar_t) == 4 ? 8 : 16;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename scalar_t> __device__ __forceinline__ scalar_t from_acc(acc_t<scalar_t> v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// N elements moved as one access (two for 32 bytes). The alignment makes the
+// compiler emit LDS/LDG.64/.128 instead of N narrow accesses.
+template <typename T, int N>
+struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Read-only global load of a Pack through the non-coherent (texture) path.
+// Weights and indices are never written while a kernel runs, and LDG.CONSTANT
+// keeps them from competing with writes for the coherent path.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_readonly(const T* p) {
+  constexpr int kBytes = int(sizeof(T)) * N;
+  Pack<T, N> r;
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) reinterpret_cast<uint4*>(&r)[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  } else if constexpr (kBytes == 8) {
+    *reinterpret_cast<uint2*>(&r) = __ldg(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (kBytes == 4) {
+    *reinterpret_cast<unsigned*>(&r) = __ldg(reinterpret_cast<const unsigned*>(p));
+  } else {
+    static_assert(kBytes == 2, "Pack of 2, 4, 8 or a multiple of 16 bytes");
+    *reinterpret_cast<unsigned short*>(&r) = __ldg(reinterpret_cast<const unsigned short*>(p));
+  }
+  return r;
+}
+
+template <typename T> __device__ __forceinline__ T load_readonly(const T* p) { return load_readonly<T, 1>(p).v[0]; }
+
+// An index as an unsigned column: negative int16/int32 values become huge, so
+// one unsigned compare with in_features rejects both ends of the range.
+template <typename index_t> __device__ __forceinline__ uint32_t as_column(index_t i) {
+  return static_cast<uint32_t>(static_cast<int32_t>(i));
+}
+
+__device__ __forceinline__ void report_bad_index(int* flag) {
+  // Plain store of a constant: racing writers agree, and the flag may live in
+  // mapped host memory, where atomics are not guaranteed.
+  if (flag != nullptr) *reinterpret_cast<volatile int*>(flag) = 1;
+}
+
+__host__ __device__ constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+__host__ __device__ constexpr int64_t round_down(int64_t v, int64_t m) { return v / m * m; }
+__host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ constexpr int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Copies rows [0, rows_here) of an x slab into x_tile[c * kTile + b]
+// (transposed), zero-filling rows rows_here..kTile-1 so that padding lanes
+// multiply zeros. Each thread reads one column of the slab (coalesced across
+// the warp for every row) and writes it with one packed store: consecutive
+// threads write consecutive 4..32-byte packs, free of bank conflicts, where a
+// row-by-row copy would stride the banks by kTile.
+template <typename scalar_t, int kTile>
+__device__ __forceinline__ void stage_x_slab(scalar_t* x_tile, const scalar_t* x_slab, int64_t row_stride, int rows_here,
+                                             int64_t in_features) {
+  for (int64_t c = threadIdx.x; c < in_features; c += blockDim.x) {
+    Pack<scalar_t, kTile> column;
+#pragma unroll
+    for (int b = 0; b < kTile; ++b) {
+      column.v[b] = b < rows_here ? load_readonly(x_slab + b * row_stride + c) : from_acc<scalar_t>(0);
+    }
+    *reinterpret_cast<Pack<scalar_t, kTile>*>(x_tile + c * kTile) = column;
+  }
+}
+
+// x values of one column for the kTile rows of a slab, widened to the
+// accumulator type: from the staged tile (one or two 16-byte shared loads) or
+// straight from global memory through L1 (x rows too long to stage). Padding
+// rows read as zero in both.
+template <typename scalar_t, int kTile, bool kSharedX>
+struct SlabColumns {
+  const scalar_t* base;  // x_tile, or the slab's first x row
+  int64_t row_stride;    // global only
+  int rows_here;         // global only
+
+  __device__ __forceinline__ void load(uint32_t c, acc_t<scalar_t> (&out)[kTile]) const {
+    if constexpr (kSharedX) {
+      const Pack<scalar_t, kTile> column = *reinterpret_cast<const Pack<scalar_t, kTile>*>(base + size_t(c) * kTile);
+#pragma unroll
+      for (int b = 0; b < kTile; ++b) out[b] = to_acc(column.v[b]);
+    } else {
+#pragma unroll
+      for (int b = 0; b < kTile; ++b) {
+        out[b] = b < rows_here ? to_acc(load_readonly(base + b * row_stride + c)) : acc_t<scalar_t>(0);
+      }
+    }
+  }
+};
+
+}  // namespace condensed_ops::kernels::cuda
