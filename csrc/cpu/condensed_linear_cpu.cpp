@@ -107,7 +107,11 @@ void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa i
       std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
   const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
   at::parallel_for(0, tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> scratch(k::transposed_scratch_size(p.in_features));
+    // 64-byte aligned (torch's CPU allocator): a tile column is one cache
+    // line, and a malloc'd buffer (16-byte aligned) splits every zmm load in two.
+    const at::Tensor scratch_tensor = at::empty({k::transposed_scratch_size(p.in_features)},
+                                                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+    acc* scratch = scratch_tensor.data_ptr<acc>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = (task % tiles) * k::kTransposedTileRows;  // chunk-major: a thread keeps its slice
       const int64_t out_begin = std::min(p.out_features, (task / tiles) * chunk_outputs);
@@ -117,17 +121,17 @@ void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa i
 #if defined(CONDENSED_OPS_WITH_AVX2)
 #if defined(CONDENSED_OPS_WITH_AVX512)
         if (isa == Isa::Avx512) {
-          k::avx512::transposed(p, row0, out_begin, out_end, scratch.data());
+          k::avx512::transposed(p, row0, out_begin, out_end, scratch);
           continue;
         }
 #endif
         if (isa == Isa::Avx2) {
-          k::avx2::transposed(p, row0, out_begin, out_end, scratch.data());
+          k::avx2::transposed(p, row0, out_begin, out_end, scratch);
           continue;
         }
 #endif
       }
-      k::portable::transposed(p, row0, out_begin, out_end, scratch.data());
+      k::portable::transposed(p, row0, out_begin, out_end, scratch);
     }
   });
 }
