@@ -41,7 +41,7 @@ struct CondensedLinearProblem {
 
 // Batch rows per transposed tile and the scratch one tile needs (in elements
 // of the accumulator type). Shared by both flavours so callers size one buffer.
-constexpr int64_t kTransposedTileRows = 16;
+constexpr int64_t kTransposedTileRows = 32;
 inline int64_t transposed_scratch_size(int64_t in_features) {
   return in_features * kTransposedTileRows;
 }

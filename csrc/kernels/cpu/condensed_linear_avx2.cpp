@@ -130,7 +130,7 @@ struct Avx2Vec {
 };
 // kOutputs * (32 rows / 8 lanes) = 8 accumulators, plus the broadcast and the
 // loads, fit the 16 ymm registers.
-constexpr int kBlockOutputs = 4;
+constexpr int kBlockOutputs = 2;
 
 }  // namespace
 
