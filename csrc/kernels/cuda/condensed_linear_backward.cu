@@ -11,13 +11,10 @@
 namespace condensed_ops::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 
-// Tuning constants (see the forward's): first-principles values for H100.
-// Shared memory per block holds the x slab plus one float sum per weight entry
-// of the block; 100 KB keeps two blocks of 8 warps per SM.
-constexpr size_t kSharedBudget = 100 * 1024;
-constexpr double kStagingReuse = 2.0;
+// Tuning constants (shared ones in device_helpers.cuh): first-principles
+// values for H100. Shared memory per block holds the x slab plus one float sum
+// per weight entry of the block.
 // Partial sums over batch splits cost splits * entries * 4 bytes of traffic;
 // beyond this many splits the extra parallelism no longer pays for it.
 constexpr int64_t kMaxSplits = 32;

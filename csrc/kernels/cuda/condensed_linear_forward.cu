@@ -18,16 +18,9 @@
 namespace condensed_ops::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 
 // Tuning constants. Initial values from first principles (H100: 132 SMs,
 // 228 KB shared memory per SM, 227 KB per block); to be measured there.
-// - Shared budget per block: 2 blocks of 8 warps per SM with ~100 KB each
-//   keeps 16 warps resident to hide gather and weight-load latency.
-constexpr size_t kSharedBudget = 100 * 1024;
-// - A staged x element must feed at least this many gathers in its block,
-//   else staging costs more L2 traffic than it saves and x goes through L1.
-constexpr double kStagingReuse = 2.0;
 // - Lanes per row: the butterfly costs kTile * log2(lanes) shuffles per row;
 //   keep that under 1/8 of a lane's kTile * row_length / lanes multiply-adds.
 constexpr double kShuffleShare = 8.0;

@@ -120,4 +120,14 @@ struct SlabColumns {
   }
 };
 
+// Tuning shared by the forward and backward kernels (first-principles values
+// for an H100, to be measured there; see NOTES.md).
+constexpr int kThreads = 256;
+// Shared budget per block: 2 blocks of 8 warps per SM with ~100 KB each
+// keeps 16 warps resident to hide gather and weight-load latency.
+constexpr size_t kSharedBudget = 100 * 1024;
+// A staged x element must feed at least this many gathers in its block,
+// else staging costs more L2 traffic than it saves and x goes through L1.
+constexpr double kStagingReuse = 2.0;
+
 }  // namespace condensed_ops::kernels::cuda
