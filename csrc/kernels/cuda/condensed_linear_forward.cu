@@ -18,7 +18,6 @@
 namespace condensed_ops::kernels::cuda {
 namespace {
 
-
 // Tuning constants. Initial values from first principles (H100: 132 SMs,
 // 228 KB shared memory per SM, 227 KB per block); to be measured there.
 // - Lanes per row: the butterfly costs kTile * log2(lanes) shuffles per row;
