@@ -33,7 +33,7 @@ std::atomic<Isa> isa_override{Isa::Auto};
 std::atomic<Strategy> strategy_override{Strategy::Auto};
 
 // Measured crossover (768<->3072, 90%, 1 thread, this repo's Xeon): gather
-// costs ~50 us per extra row, one transposed tile costs the same for 1..16
+// costs ~50 us per extra row, one transposed tile costs the same for 1..32
 // rows; gather wins up to 4 rows (237 vs 285 us) and loses from 5 (325 vs 288).
 constexpr int64_t kGatherMaxBatch = 4;
 
@@ -102,7 +102,7 @@ void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa i
   // Threads split the outputs, each walking all tiles over its own slice of
   // the weights: a slice stays in that core's L2 across tiles, where splitting
   // by tiles would make every core stream all weights once per tile. Each
-  // task re-transposes its tile, which costs in_features*16, not out*fan_in.
+  // task re-transposes its tile, which costs in_features * tile rows, not out * fan_in.
   const int64_t out_chunks =
       std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
   const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
