@@ -32,7 +32,7 @@ enum class Strategy { Auto, Gather, Transposed };
 std::atomic<Isa> isa_override{Isa::Auto};
 std::atomic<Strategy> strategy_override{Strategy::Auto};
 
-// Measured crossover (768<->3072, 90%, 1 thread, this repo's Xeon): gather
+// Measured crossover (768<->3072, 90%, 1 thread, this repo's Xeon, 16-row tiles): gather
 // costs ~50 us per extra row, one transposed tile costs the same for 1..32
 // rows; gather wins up to 4 rows (237 vs 285 us) and loses from 5 (325 vs 288).
 constexpr int64_t kGatherMaxBatch = 4;
