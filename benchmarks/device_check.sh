@@ -8,8 +8,8 @@
 #      (atomic scatter and the transposed layout: key, sort, offset kernels),
 #      grad_values (with batch splits and the partial-sum kernel), and the
 #      in-kernel guard against indices that skipped validation
-#   5. a benchmark table: condensed vs dense F.linear, eager (L2 flushed) and
-#      CUDA-graph medians, per x path, with the bytes/FLOP floor
+#   5. python -m condensed_ops.bench on CUDA (forward sweep at 90%, training,
+#      ViT end to end), JSON kept for `python -m condensed_ops.bench.report`
 #   6. the rest of the test suite, with whatever time is left
 # Each step is cut at its cap or at the overall budget; logs go to $OUT when
 # set (the device tool brings it back: 8 files at most), else to a temp dir.
@@ -114,70 +114,6 @@ torch.cuda.synchronize()
 print("small cases: OK")
 EOF
 
-cat >"$WORK/bench.py" <<'EOF'
-"""Condensed vs dense F.linear on this GPU: medians in microseconds."""
-import os
-
-import torch
-import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
-
-import condensed_ops
-
-grad_input = torch.ops.condensed_ops.condensed_linear_grad_input
-grad_values = torch.ops.condensed_ops.condensed_linear_grad_values
-# Leads to judge the numbers by (KINDS.md, H100 80GB HBM3): device-to-device
-# copy ~3.0 TB/s (bytes read + written); fp32 FMA rate 67 TFLOP/s datasheet.
-BANDWIDTH, FMA_RATE = 3.0e12, 33.5e12
-SPARSITY = 0.9
-
-
-def layer(n_in, n_out, dtype):
-    g = torch.Generator().manual_seed(0)
-    k = round((1 - SPARSITY) * n_in)
-    idx = torch.rand(n_out, n_in, generator=g).topk(k, dim=1).indices.sort(dim=1).values.to(torch.int16).cuda()
-    values = torch.randn(n_out, k, generator=g).to(dtype).cuda()
-    return values, idx, k
-
-
-def median_us(fn, graph):
-    fn()
-    torch.cuda.synchronize()
-    if graph:  # ten replays of a graph holding ~rep ms of calls
-        return 1e3 * do_bench_cudagraph(fn, rep=10, return_mode="median")
-    return 1e3 * do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-
-print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, sparsity {SPARSITY}, int16 indices; "
-      "eager = L2 flushed, graph = replays; floor = max(bytes / 3.0 TB/s, FMAs / 33.5 T/s)")
-print()
-print("| dtype | in→out | batch | fwd eager | fwd graph | shared graph | global graph | dense graph | floor "
-      "| grad_x graph | grad_values graph | dense bwd graph |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-for dtype in (torch.bfloat16, torch.float32):
-    for n_in, n_out in ((768, 3072), (3072, 768), (4096, 4096)):
-        values, idx, k = layer(n_in, n_out, dtype)
-        dense = condensed_ops.to_dense(values, idx, n_in)
-        for batch in (1, 8, 32, 256, 4096):
-            x = torch.randn(batch, n_in, device="cuda").to(dtype)
-            gy = torch.randn(batch, n_out, device="cuda").to(dtype)
-            size = torch.finfo(dtype).bits // 8
-            moved = values.numel() * (size + 2) + (x.numel() + gy.numel()) * size
-            floor = 1e6 * max(moved / BANDWIDTH, batch * n_out * k / FMA_RATE)
-            fwd = lambda: condensed_ops.condensed_linear(x, values, idx)
-            row = [median_us(fwd, False), median_us(fwd, True)]
-            for x_path in ("shared", "global"):
-                os.environ["CONDENSED_OPS_CUDA_X"] = x_path
-                row.append(median_us(fwd, True))
-            os.environ["CONDENSED_OPS_CUDA_X"] = "auto"
-            row += [median_us(lambda: F.linear(x, dense), True), floor,
-                    median_us(lambda: grad_input(gy, values, idx, n_in), True),
-                    median_us(lambda: grad_values(gy, x, idx), True),
-                    median_us(lambda: (gy @ dense, gy.t() @ x), True)]
-            cells = " | ".join(f"{v:.1f}" for v in row)
-            print(f"| {str(dtype)[6:]} | {n_in}→{n_out} | {batch} | {cells} |", flush=True)
-EOF
-
 # ---- the steps ---------------------------------------------------------------------
 
 env_report() {
@@ -201,12 +137,24 @@ sanitize() {
     "$PY" "$WORK/small_cases.py"
 }
 
-step env 30 env_report
+env_report 2>&1 | tee -a "$LOG/summary.txt"  # into the summary: few files may come back
 step build 180 build
 step test_cuda 120 "$PY" -m pytest tests/test_cuda.py -q --maxfail=25 -p no:cacheprovider
-step memcheck 90 sanitize memcheck
-step racecheck 60 sanitize racecheck
-step bench 75 "$PY" "$WORK/bench.py"
+sanitizers() {
+  sanitize memcheck && sanitize racecheck
+}
+
+# condensed vs dense fp32 / TF32 / bf16, CSR, the paper's gather and 2:4, at
+# 90%: CUDA-graph and eager medians, GB/s and roofline fraction; then forward +
+# backward; then the ViT-B/16 encoder end to end. JSON for the README's report.
+bench() {
+  "$PY" -m condensed_ops.bench --device cuda --dtype bfloat16 float32 --sparsity 0.9 --batch 1 16 256 2048 \
+    --rounds 10 --max-seconds 1 --vit --vit-batch 1 64 256 --json "$LOG/bench_cuda.json" --no-progress &&
+    "$PY" -m condensed_ops.bench --device cuda --training --shapes 768x3072 3072x768 --sparsity 0.9 --batch 256 2048 \
+      --rounds 10 --max-seconds 1 --json "$LOG/bench_cuda_training.json" --no-progress
+}
+step sanitize 150 sanitizers
+step bench 150 bench
 step test_rest 150 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider --ignore=tests/test_cuda.py
 
 echo
@@ -214,3 +162,4 @@ echo "== summary ($((SECONDS - start))s of ${BUDGET}s; logs in $LOG)"
 cat "$LOG/summary.txt"
 echo
 grep '^|' "$LOG/bench.log" 2>/dev/null || true
+# logs + JSON: at most 8 files come back from the device tool

@@ -4,7 +4,7 @@
     python -m condensed_ops.bench --json results.json --plot figures/
     python -m condensed_ops.bench --device cuda --dtype bfloat16 float32
     python -m condensed_ops.bench --training --batch 256       # forward + backward
-    python -m condensed_ops.bench --vit                         # + ViT-B/16 end to end
+    python -m condensed_ops.bench --no-sweep --vit              # ViT-B/16 end to end only
 
 Every cell times its methods interleaved (each round calls every method once, in
 a fresh random order) and reports medians; on CUDA both eager per-call time and
@@ -15,6 +15,7 @@ Render README tables from the JSON with ``python -m condensed_ops.bench.report``
 """
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -28,7 +29,7 @@ from .report import cell_header, format_cell
 from .sweep import SweepConfig, run_sweep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-QUICK = dict(shapes=[(768, 3072)], sparsities=[0.9], batches=[1, 256], rounds=7, max_seconds_per_cell=3.0)
+QUICK = dict(shapes=[(768, 3072), (3072, 768)], sparsities=[0.9], batches=[1, 256], rounds=7, max_seconds_per_cell=3.0)
 CUDA_SHAPES = [(768, 3072), (3072, 768), (4096, 14336), (14336, 4096)]
 
 
@@ -58,7 +59,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m condensed_ops.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="768x3072 at 90%%, batch 1 and 256, 7 rounds (under a minute); explicit options still apply")
+    p.add_argument("--quick", action="store_true", help="768x3072 and 3072x768 at 90%%, batch 1 and 256, 1 thread, 7 rounds (under a minute); explicit options still apply")
     p.add_argument("--shapes", type=_shape, nargs="+", metavar="INxOUT", help="layer shapes, in_features x out_features (default: ViT-B/16's MLP 768x3072 3072x768; on CUDA also 4096x14336 14336x4096)")
     p.add_argument("--sparsity", type=_sparsity, nargs="+", help="fraction of zeros (default 0.5 0.8 0.9 0.95 0.99)")
     p.add_argument("--batch", type=_positive, nargs="+", help="rows of x (default 1 4 16 64 256 1024 4096)")
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="write PNG figures (needs matplotlib)")
     p.add_argument("--vit", action="store_true", help="also run a ViT-B/16-sized encoder end to end, MLPs condensed at 90%%")
     p.add_argument("--vit-batch", type=_positive, nargs="+", default=[1, 64, 256], help="ViT batch sizes (default 1 64 256)")
-    p.add_argument("--vit-attention", action="store_true", help="condense the attention projections too")
+    p.add_argument("--vit-attention", action="store_true", help="also run it with the attention projections condensed")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="--no-sweep runs only what else is asked (--vit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -162,7 +164,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib (or condensed_ops[bench])")
 
-    progress = _Progress(config.cells() + (len(args.vit_batch) * len(config.devices) if args.vit else 0), not args.no_progress)
+    if not args.sweep and not args.vit:
+        parser.error("--no-sweep leaves nothing to run: add --vit")
+    if not args.sweep:
+        config.shapes = []
+    vit_variants = [False, True] if args.vit_attention else [False]
+    vit_cells = len(args.vit_batch) * len(config.devices) * len(vit_variants) if args.vit else 0
+    progress = _Progress(config.cells() + vit_cells, not args.no_progress)
     printed_header: List[str] = []
 
     def on_cell(rows: List[Dict[str, object]]) -> None:
@@ -178,8 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             from .vit import end_to_end, format_markdown
 
             results["vit"] = []
-            for device in config.devices:
-                vit = end_to_end(batches=args.vit_batch, include_attention=args.vit_attention, device=device.type, progress=progress.step)
+            for device, include_attention in itertools.product(config.devices, vit_variants):
+                vit = end_to_end(batches=args.vit_batch, include_attention=include_attention, device=device.type, progress=progress.step)
                 results["vit"].append(vit)
                 progress.print("\n" + format_markdown(vit))
     finally:

@@ -96,6 +96,7 @@ class Method:
     bytes_moved: int
     flops: int
     unavailable: Optional[str] = None
+    x: Optional[Tensor] = None  # the input the call reads (in the method's own dtype)
 
 
 def _bytes(t: Tensor) -> int:
@@ -170,7 +171,7 @@ def _method(
         call()
     except Exception as error:  # noqa: BLE001 -- reported in the results, not raised mid-sweep
         return Method(name, None, 0, 0, f"unsupported: {first_line(error)}")
-    return Method(name, call, moved, flops)
+    return Method(name, call, moved, flops, x=x)
 
 
 def _linear(x: Tensor, weights: Tuple[Tensor, ...]) -> Tensor:

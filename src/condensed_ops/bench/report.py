@@ -130,9 +130,19 @@ def _comparison_table(cells: Iterable[List[Row]]) -> List[str]:
     return lines
 
 
-def render_markdown(results: Sequence[Dict[str, object]], figures: Sequence[str] = (), headline_sparsity: float = 0.9, headline_batches: Sequence[int] = (1, 256)) -> str:
-    """The Results section: setup, headline table and figures, every cell, ViT end to end."""
-    out = []
+def render_markdown(
+    results: Sequence[Dict[str, object]],
+    figures: Sequence[str] = (),
+    sources: Sequence[str] = (),
+    headline_sparsity: float = 0.9,
+    headline_batches: Sequence[int] = (1, 256),
+) -> str:
+    """The Results section: setup, headline table and figures, every cell, ViT end to end.
+
+    ``sources`` (the JSON paths) go into a comment, so a test can re-render the
+    section from them and compare.
+    """
+    out = [f"<!-- results from: {' '.join(sources)} -->"] if sources else []
     for result in results:
         out.append(f"- {_machine_line(result)}: `{result['command']}`")
     out += ["", "Measured peaks (the roofline; a copy much larger than the caches, a large dense matmul):", ""]
@@ -196,14 +206,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for path in args.results:
         with open(path) as f:
             results.append(json.load(f))
+    base = os.path.dirname(os.path.abspath(args.readme)) if args.readme else os.getcwd()
     figures: List[str] = []
     if args.figures:
         from .plots import write_figures
 
         merged = dict(results[0], rows=[row for r in results for row in r["rows"]], rooflines=[x for r in results for x in r["rooflines"]])
-        base = os.path.dirname(os.path.abspath(args.readme)) if args.readme else os.getcwd()
         figures = [os.path.relpath(p, base) for p in write_figures(merged, args.figures)]
-    section = render_markdown(results, figures)
+    section = render_markdown(results, figures, [os.path.relpath(path, base) for path in args.results])
     if args.readme:
         update_readme(args.readme, section)
         print(f"updated {args.readme}")

@@ -107,12 +107,11 @@ def time_interleaved(
     """
     device = torch.device(device)
     for call in calls.values():  # warm caches, pages, the allocator and the thread pool
-        for _ in range(2):
-            call()
+        call()
     repeats: Dict[str, int] = {}
     estimate = 0.0
     for name, call in calls.items():
-        once = _eager_sample(call, 1, device)
+        once = _eager_sample(call, 1, device)  # the second call: warm, and an estimate
         repeats[name] = max(1, int(min_sample_seconds / max(once, 1e-9)))
         estimate += once * repeats[name]
     rounds = max(min_rounds, min(rounds, int(max_seconds / max(estimate, 1e-9))))

@@ -1,0 +1,170 @@
+"""The benchmark suite: its methods compute the layer, its figures add up, its CLI
+refuses impossible requests, and the README's Results section is what the report
+renders from the committed JSON."""
+
+import json
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import condensed_ops
+from condensed_ops.bench import methods as bench_methods
+from condensed_ops.bench.__main__ import main
+from condensed_ops.bench.report import BEGIN, END, render_markdown, update_readme
+from condensed_ops.bench.timing import time_interleaved
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reference(layer, x):
+    dense = condensed_ops.to_dense(layer.values.double(), layer.idx.long(), layer.in_features)
+    return F.linear(x.double(), dense)
+
+
+@pytest.mark.parametrize("in_features, out_features, sparsity, batch", [(64, 48, 0.9, 1), (37, 29, 0.5, 7), (300, 10, 0.99, 33)])
+def test_every_cpu_method_computes_the_layer(in_features, out_features, sparsity, batch):
+    layer = bench_methods.random_layer(in_features, out_features, sparsity, seed=3)
+    assert layer.fan_in == bench_methods.fan_in_for_sparsity(sparsity, in_features)
+    assert bool((layer.idx.long().diff(dim=1) > 0).all()), "columns are distinct and ascending"
+    for method in bench_methods.layer_methods(layer, batch, bench_methods.CPU_METHODS):
+        assert method.unavailable is None, method.unavailable
+        torch.testing.assert_close(method.call().double(), _reference(layer, method.x), rtol=1e-5, atol=1e-5, msg=method.name)
+
+
+def test_figures_of_a_method():
+    layer = bench_methods.random_layer(64, 48, 0.9)
+    batch, element = 5, 4
+    by = {m.name: m for m in bench_methods.layer_methods(layer, batch, bench_methods.CPU_METHODS)}
+    activations = (batch * 64 + batch * 48) * element
+    assert by["condensed"].bytes_moved == layer.nnz * (element + 2) + activations  # int16 indices
+    assert by["gather"].bytes_moved == layer.nnz * (element + 8) + activations  # int64 indices
+    assert by["dense"].bytes_moved == 48 * 64 * element + activations
+    assert by["csr"].bytes_moved == layer.nnz * (element + 8) + 49 * 8 + activations
+    assert by["condensed"].flops == by["csr"].flops == 2 * batch * layer.nnz
+    assert by["dense"].flops == 2 * batch * 48 * 64
+
+    trained = {m.name: m for m in bench_methods.layer_methods(layer, batch, ["condensed", "dense"], training=True)}
+    assert trained["condensed"].flops == 3 * by["condensed"].flops
+    # forward + grad_x read the weights, grad_values writes the values' gradient
+    assert trained["condensed"].bytes_moved == 2 * layer.nnz * (element + 2) + layer.nnz * element + 3 * activations
+
+
+def test_training_methods_produce_gradients():
+    layer = bench_methods.random_layer(40, 24, 0.8)
+    for method in bench_methods.layer_methods(layer, 6, ["condensed", "dense", "gather"], training=True):
+        assert method.unavailable is None, method.unavailable
+        method.call()
+    csr = bench_methods.layer_methods(layer, 6, ["csr"], training=True)[0]
+    assert csr.call is None or csr.unavailable is None  # whichever torch supports, never an exception
+
+
+def test_unavailable_methods_say_why(monkeypatch):
+    layer = bench_methods.random_layer(64, 48, 0.9)
+    monkeypatch.setattr(bench_methods, "GATHER_INTERMEDIATE_LIMIT_BYTES", 1000)
+    by = {m.name: m for m in bench_methods.layer_methods(layer, 4, ["gather", "dense_tf32", "semi_structured"])}
+    assert by["gather"].call is None and "skipped" in by["gather"].unavailable
+    assert by["dense_tf32"].unavailable == by["semi_structured"].unavailable == "CUDA only"
+    half = bench_methods.random_layer(64, 48, 0.9, dtype=torch.float16)
+    csr = bench_methods.layer_methods(half, 2, ["csr"])[0]
+    if csr.call is None:  # CPU torch has no half CSR matmul: reported, not raised
+        assert csr.unavailable.startswith("unsupported:")
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench_methods.layer_methods(layer, 1, ["condensed", "cusparse"])
+
+
+def test_time_interleaved_orders_calls_by_cost():
+    small, big = torch.randn(64, 64), torch.randn(384, 384)
+    t = time_interleaved({"small": lambda: small @ small, "big": lambda: big @ big}, rounds=5)
+    assert t["big"].seconds > t["small"].seconds > 0
+    assert t["small"].graph_seconds is None and t["small"].kernel_seconds == t["small"].seconds
+
+
+def test_cli_json_plot_and_report(tmp_path, capsys):
+    out_json, figures = tmp_path / "r.json", tmp_path / "fig"
+    main(["--shapes", "64x48", "33x70", "--sparsity", "0.5", "0.9", "--batch", "1", "9", "--threads", "1",
+          "--rounds", "2", "--json", str(out_json), "--plot", str(figures), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "| cpu | float32 | 1 | 33→70 | 90% | 9 |" in printed
+    results = json.loads(out_json.read_text())
+    assert results["command"].startswith("python -m condensed_ops.bench --shapes 64x48")
+    assert results["machine"]["torch"] == torch.__version__
+    rows = results["rows"]
+    assert len(rows) == 2 * 2 * 2 * len(bench_methods.CPU_METHODS)
+    for row in rows:
+        assert row["kernel_seconds"] == row["seconds"] > 0
+        assert row["gb_per_s"] == pytest.approx(row["bytes"] / row["seconds"] / 1e9)
+        assert row["gflop_per_s"] == pytest.approx(row["flops"] / row["seconds"] / 1e9)
+        assert row["roofline_fraction"] > 0
+        if row["method"] == "dense":
+            assert row["speedup_vs_dense"] == 1.0
+    assert {(r["dtype"], r["threads"]) for r in results["rooflines"]} == {("float32", 1)}
+    pngs = sorted(p.name for p in figures.iterdir())
+    assert pngs == ["headline_cpu_float32_1t.png", "roofline_cpu_float32_1t.png", "speedup_cpu_float32_1t.png"]
+    assert all((figures / p).read_bytes().startswith(PNG_MAGIC) for p in pngs)
+
+    section = render_markdown([results], [f"fig/{p}" for p in pngs])
+    assert "### 90% sparse, batch 1" in section and "![speed-up at 90% sparsity](fig/headline_cpu_float32_1t.png)" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
+    update_readme(str(readme), section)
+    assert readme.read_text() == f"intro\n{BEGIN}\n{section}{END}\noutro\n"
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(str(readme), section)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "cuda"], "CUDA"),
+        (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["--shapes", "768"], "shape must be IN x OUT"),
+        (["--batch", "0"], "positive"),
+        (["--threads", "100000"], "logical CPUs"),
+        (["--dtype", "float64", "--device", "cpu", "cuda"], None),
+        (["--methods", "nope"], "invalid choice"),
+    ],
+)
+def test_cli_refuses_impossible_requests(argv, message, capsys):
+    if message is None:  # float64 on CUDA: whichever check comes first, it exits with a message
+        message = "cuda"
+    if argv[:2] == ["--device", "cuda"] and condensed_ops._C.with_cuda and torch.cuda.is_available():
+        pytest.skip("this build can run on CUDA")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    assert message.lower() in capsys.readouterr().err.lower()
+
+
+def test_readme_results_are_rendered_from_the_committed_json():
+    readme = (ROOT / "README.md").read_text()
+    section = re.search(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), readme, re.S)
+    assert section, "README has no generated Results section"
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section.group(1))
+    for figure in figures:
+        assert (ROOT / figure).read_bytes().startswith(PNG_MAGIC), figure
+    sources = re.match(r"<!-- results from: (.*) -->", section.group(1))
+    assert sources, "the section does not name its result files"
+    results = [json.loads((ROOT / name).read_text()) for name in sources.group(1).split()]
+    assert render_markdown(results, figures, sources.group(1).split()) == section.group(1)
+
+
+def test_cli_vit_only(tmp_path, monkeypatch, capsys):
+    from condensed_ops.bench import vit
+
+    tiny = dict(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_width=256, num_classes=10)
+    monkeypatch.setattr(vit, "VIT_B16", tiny)
+    out_json = tmp_path / "vit.json"
+    main(["--no-sweep", "--vit", "--vit-attention", "--vit-batch", "1", "2", "--json", str(out_json), "--no-progress"])
+    results = json.loads(out_json.read_text())
+    assert results["rows"] == []
+    assert [v["include_attention"] for v in results["vit"]] == [False, True]
+    assert all(row["outputs_match"] for v in results["vit"] for row in v["rows"])
+    assert "End to end" in render_markdown([results])
+    with pytest.raises(SystemExit):
+        main(["--no-sweep", "--no-progress"])
+    assert "nothing to run" in capsys.readouterr().err
