@@ -103,11 +103,11 @@ def test_cli_json_plot_and_report(tmp_path, capsys):
             assert row["speedup_vs_dense"] == 1.0
     assert {(r["dtype"], r["threads"]) for r in results["rooflines"]} == {("float32", 1)}
     pngs = sorted(p.name for p in figures.iterdir())
-    assert pngs == ["headline_cpu_float32_1t.png", "roofline_cpu_float32_1t.png", "speedup_cpu_float32_1t.png"]
+    assert pngs == ["headline_cpu_float32.png", "roofline_cpu_float32_1t.png", "speedup_cpu_float32_1t.png"]
     assert all((figures / p).read_bytes().startswith(PNG_MAGIC) for p in pngs)
 
     section = render_markdown([results], [f"fig/{p}" for p in pngs])
-    assert "### 90% sparse, batch 1" in section and "![speed-up at 90% sparsity](fig/headline_cpu_float32_1t.png)" in section
+    assert "### 90% sparse, batch 1" in section and "![headline_cpu_float32](fig/headline_cpu_float32.png)" in section
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
     update_readme(str(readme), section)

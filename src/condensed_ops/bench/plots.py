@@ -51,23 +51,25 @@ def _shapes(rows: Sequence[Row]) -> List[Tuple[int, int]]:
 
 
 def _headline(plt, key, rows, path, sparsity, batches) -> bool:
-    condensed = {(r["in_features"], r["out_features"], r["batch"]): r for r in rows if r["method"] == "condensed" and r["sparsity"] == sparsity and r["batch"] in batches}
+    """Bars: condensed's speed-up over each baseline, per shape, batch and thread count."""
+    cell = lambda r: (r["in_features"], r["out_features"], r["batch"], r["threads"])  # noqa: E731
+    condensed = {cell(r): r for r in rows if r["method"] == "condensed" and r["sparsity"] == sparsity and r["batch"] in batches}
     if not condensed:
         return False
     others = [m for m in ("dense", "csr", "gather", "dense_tf32", "dense_bf16", "semi_structured") if any(r["method"] == m for r in rows)]
-    times = {(r["in_features"], r["out_features"], r["batch"], r["method"]): r["kernel_seconds"] for r in rows if r["sparsity"] == sparsity}
-    labels = [f"{i}→{o}\nbatch {b}" for (i, o, b) in condensed]
+    times = {(*cell(r), r["method"]): r["kernel_seconds"] for r in rows if r["sparsity"] == sparsity}
+    labels = [f"{i}→{o}\nbatch {b}" + ("" if t is None else f"\n{t} thread{'s' if t != 1 else ''}") for (i, o, b, t) in condensed]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(labels) * max(1, len(others)) / 3, 4))
     width = 0.8 / max(1, len(others))
     for j, method in enumerate(others):
-        ratios = [times.get((i, o, b, method), float("nan")) / c["kernel_seconds"] for (i, o, b), c in condensed.items()]
+        ratios = [times.get((*k, method), float("nan")) / c["kernel_seconds"] for k, c in condensed.items()]
         bars = ax.bar([x + (j - (len(others) - 1) / 2) * width for x in range(len(labels))], ratios, width, label=f"vs {method}")
         ax.bar_label(bars, labels=[f"{r:.1f}×" if r == r else "" for r in ratios], fontsize=7, padding=2)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")  # the paper's gather is often 100× slower; log keeps the others readable
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("condensed speed-up (×)")
-    ax.set_title(f"{_title(key)}: {sparsity:.0%} sparse", fontsize=10)
+    ax.set_title(f"{_title(key)}: {sparsity:.0%} sparse (higher is better)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -100,9 +102,10 @@ def _speedup_vs_batch(plt, key, rows, path) -> None:
         ax.set_ylabel("speed-up over dense F.linear (×)")
         ax.set_title(f"{shape[0]}→{shape[1]}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(len(labels), 6), loc="lower center")
     fig.suptitle(_title(key), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -143,11 +146,15 @@ def write_figures(results: Dict[str, object], directory: str, sparsity: float = 
     plt = _pyplot()
     os.makedirs(directory, exist_ok=True)
     written = []
-    for key, rows in _groups(results["rows"]).items():
-        suffix = _suffix(key)
-        path = os.path.join(directory, f"headline_{suffix}.png")
+    threads_merged: Dict[Tuple, List[Row]] = {}
+    for (device, dtype, _, training), rows in _groups(results["rows"]).items():
+        threads_merged.setdefault((device, dtype, None, training), []).extend(rows)
+    for key, rows in threads_merged.items():
+        path = os.path.join(directory, f"headline_{_suffix(key)}.png")
         if _headline(plt, key, rows, path, sparsity, batches):
             written.append(path)
+    for key, rows in _groups(results["rows"]).items():
+        suffix = _suffix(key)
         if len({r["batch"] for r in rows}) > 1:
             path = os.path.join(directory, f"speedup_{suffix}.png")
             _speedup_vs_batch(plt, key, rows, path)

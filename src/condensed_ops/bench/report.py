@@ -154,28 +154,33 @@ def render_markdown(
     for key, cell in _cells(rows).items():
         groups.setdefault(key[:4], []).append(cell)
     headline = [cell for cells in groups.values() for cell in cells if cell[0]["sparsity"] == headline_sparsity and cell[0]["batch"] in headline_batches]
+    names = {path: os.path.splitext(os.path.basename(path))[0] for path in figures}
+    pick = lambda kind, training: [p for p, n in names.items() if n.startswith(kind) and n.endswith("_train") == training]  # noqa: E731
     if headline:
         out += ["", f"### {headline_sparsity:.0%} sparse, batch {' and '.join(map(str, headline_batches))}", ""]
-        for images in [p for p in figures if "headline" in os.path.basename(p)]:
-            out += [f"![speed-up at {headline_sparsity:.0%} sparsity]({images})", ""]
-        forward = [c for c in headline if not c[0]["training"]]
-        training = [c for c in headline if c[0]["training"]]
-        for cells in (forward, training):
+        for training in (False, True):
+            cells = [c for c in headline if c[0]["training"] == training]
+            out += [f"![{names[p]}]({p})" for p in pick("headline", training)] + [""]
             if cells:
                 out += _comparison_table(cells) + [""]
-    others = [p for p in figures if "headline" not in os.path.basename(p)]
-    if others:
-        out += ["### Figures", ""] + [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in others] + [""]
+    if figures:
+        shown = pick("speedup", False)
+        out += ["### Speed-up over dense against batch size", ""] + [f"![{names[p]}]({p})" for p in shown] + [""]
+        more = [p for p in figures if p not in shown and not names[p].startswith("headline")]
+        if more:
+            out += ["<details>", "<summary>More figures: rooflines, forward + backward</summary>", ""]
+            out += [f"![{names[p]}]({p})" for p in more] + ["", "</details>", ""]
+    vits = [vit for result in results for vit in result.get("vit", [])]
+    if vits:
+        from .vit import format_markdown
+
+        out += ["### End to end: ViT-B/16-sized encoder, condensed against masked dense", ""]
+        out += [line for vit in vits for line in (format_markdown(vit), "")]
     for key, cells in groups.items():
         device, dtype, threads, training = key
         title = f"{device}, {dtype}" + (f", {threads} thread{'s' if threads != 1 else ''}" if threads is not None else "")
         title += ", forward + backward" if training else ", forward"
         out += ["<details>", f"<summary>Every cell: {title}</summary>", ""] + _comparison_table(cells) + ["", "</details>", ""]
-    for result in results:
-        for vit in result.get("vit", []):
-            from .vit import format_markdown
-
-            out += ["### End to end: ViT-B/16-sized encoder", "", format_markdown(vit), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

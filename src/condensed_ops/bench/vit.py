@@ -221,7 +221,7 @@ def format_markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(
             f"| {row['batch']} | {1e3 * row['dense_seconds']:.2f} | {1e3 * row['condensed_seconds']:.2f} | "
-            f"{row['speedup']:.2f}x | {row['dense_images_per_second']:.1f} | {row['condensed_images_per_second']:.1f} | "
+            f"{row['speedup']:.2f}× | {row['dense_images_per_second']:.1f} | {row['condensed_images_per_second']:.1f} | "
             f"{'yes' if row['outputs_match'] else 'NO'} (max diff {row['max_abs_diff']:.1e}) |"
         )
     return "\n".join(lines)
