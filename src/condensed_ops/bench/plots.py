@@ -11,6 +11,8 @@
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from .timing import speedup
+
 Row = Dict[str, object]
 _LINESTYLES = {"condensed": "-", "csr": "--", "gather": ":", "dense_tf32": "-.", "dense_bf16": "-.", "semi_structured": (0, (5, 1, 1, 1))}
 _MARKERS = {"condensed": "o", "dense": "s", "csr": "^", "gather": "v", "dense_tf32": "D", "dense_bf16": "P", "semi_structured": "X"}
@@ -57,12 +59,12 @@ def _headline(plt, key, rows, path, sparsity, batches) -> bool:
     if not condensed:
         return False
     others = [m for m in ("dense", "csr", "gather", "dense_tf32", "dense_bf16", "semi_structured") if any(r["method"] == m for r in rows)]
-    times = {(*cell(r), r["method"]): r["kernel_seconds"] for r in rows if r["sparsity"] == sparsity}
+    by_cell = {(*cell(r), r["method"]): r for r in rows if r["sparsity"] == sparsity}
     labels = [f"{i}→{o}\nbatch {b}" + ("" if t is None else f"\n{t} thread{'s' if t != 1 else ''}") for (i, o, b, t) in condensed]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(labels) * max(1, len(others)) / 3, 4))
     width = 0.8 / max(1, len(others))
     for j, method in enumerate(others):
-        ratios = [times.get((*k, method), float("nan")) / c["kernel_seconds"] for k, c in condensed.items()]
+        ratios = [speedup(by_cell[(*k, method)], c) if (*k, method) in by_cell else float("nan") for k, c in condensed.items()]
         bars = ax.bar([x + (j - (len(others) - 1) / 2) * width for x in range(len(labels))], ratios, width, label=f"vs {method}")
         ax.bar_label(bars, labels=[f"{r:.1f}×" if r == r else "" for r in ratios], fontsize=7, padding=2)
     ax.axhline(1.0, color="black", linewidth=0.8)
@@ -81,7 +83,7 @@ def _speedup_vs_batch(plt, key, rows, path) -> None:
     shapes = _shapes(rows)
     sparsities = sorted({r["sparsity"] for r in rows})
     colors = plt.get_cmap("viridis")([i / max(1, len(sparsities) - 1) * 0.9 for i in range(len(sparsities))])
-    dense = {(r["in_features"], r["out_features"], r["sparsity"], r["batch"]): r["kernel_seconds"] for r in rows if r["method"] == "dense"}
+    dense = {(r["in_features"], r["out_features"], r["sparsity"], r["batch"]): r for r in rows if r["method"] == "dense"}
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.2 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         methods = [m for m in _LINESTYLES if any(r["method"] == m for r in rows)]
@@ -89,7 +91,7 @@ def _speedup_vs_batch(plt, key, rows, path) -> None:
             for s, color in zip(sparsities, colors):
                 if method in _SPARSITY_FREE and s != sparsities[0]:
                     continue
-                points = sorted((r["batch"], dense[(*shape, s, r["batch"])] / r["kernel_seconds"]) for r in rows
+                points = sorted((r["batch"], speedup(dense[(*shape, s, r["batch"])], r)) for r in rows
                                 if r["method"] == method and (r["in_features"], r["out_features"]) == shape and r["sparsity"] == s and (*shape, s, r["batch"]) in dense)
                 if points:
                     label = method if method in _SPARSITY_FREE else f"{method} {s:.0%}"

@@ -13,6 +13,8 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .timing import speedup
+
 Row = Dict[str, object]
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 _RATIO_METHODS = ("dense", "csr", "gather")
@@ -123,7 +125,7 @@ def _comparison_table(cells: Iterable[List[Row]]) -> List[str]:
         for m in others:
             other = by.get(m)
             good = ok and other is not None and not other.get("unavailable")
-            ratios.append(_ratio(other["kernel_seconds"] / c["kernel_seconds"]) if good else "–")
+            ratios.append(_ratio(speedup(other, c)) if good else "–")
         tail = [f"{c['gb_per_s']:.1f}", f"{c['gflop_per_s']:.1f}", f"{c['roofline_fraction']:.0%}"] if ok else ["–"] * 3
         times = [_time_cell(by[m]) if m in by else "–" for m in methods]
         lines.append("| " + " | ".join(_context(rows[0]) + times + ratios + tail) + " |")

@@ -9,7 +9,7 @@ import torch
 
 from .machine import Roofline, describe_machine, measure_roofline
 from .methods import METHOD_DESCRIPTIONS, available_methods, layer_methods, random_layer
-from .timing import time_interleaved
+from .timing import speedup, time_interleaved
 
 Progress = Callable[[str], None]
 
@@ -67,7 +67,6 @@ class _RooflineCache:
 
 
 def _cell_rows(cell: Dict[str, object], methods, timings, rooflines: Dict[str, Roofline]) -> List[Dict[str, object]]:
-    seconds = {m.name: timings[m.name].kernel_seconds for m in methods if m.call is not None}
     rows = []
     for method in methods:
         row: Dict[str, object] = dict(cell, method=method.name)
@@ -90,10 +89,12 @@ def _cell_rows(cell: Dict[str, object], methods, timings, rooflines: Dict[str, R
             gflop_per_s=method.flops / t / 1e9,
             roofline_kind=roofline.dtype,
             roofline_fraction=roofline.bound_seconds(method.bytes_moved, method.flops) / t,
-            speedup_vs_dense=seconds["dense"] / t if "dense" in seconds else None,
-            speedup_vs_csr=seconds["csr"] / t if "csr" in seconds else None,
         )
         rows.append(row)
+    by_name = {row["method"]: row for row in rows if "seconds" in row}
+    for row in by_name.values():
+        for baseline in ("dense", "csr"):
+            row[f"speedup_vs_{baseline}"] = speedup(by_name[baseline], row) if baseline in by_name else None
     return rows
 
 

@@ -40,6 +40,14 @@ class Timing:
         return self.graph_seconds if self.graph_seconds is not None else self.seconds
 
 
+def speedup(baseline: Mapping[str, Optional[float]], other: Mapping[str, Optional[float]]) -> float:
+    """``baseline`` time over ``other``'s, from two result rows (or ``asdict(Timing)``):
+    graph-replay times when both have one, else eager times, so a ratio never mixes the two."""
+    if baseline.get("graph_seconds") is not None and other.get("graph_seconds") is not None:
+        return baseline["graph_seconds"] / other["graph_seconds"]
+    return baseline["seconds"] / other["seconds"]
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
