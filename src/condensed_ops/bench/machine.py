@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .timing import time_interleaved
+from .timing import time_interleaved, with_tf32
 
 # Large enough to spill any L3 here (the dev VM reports a 300 MiB shared L3)
 # and any GPU's L2, small enough for a 24 GiB machine: source + destination.
@@ -108,14 +108,7 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, threads: Optional
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
 
-    def matmul() -> None:
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        try:
-            torch.mm(a, b, out=out)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-
+    matmul = with_tf32(lambda: torch.mm(a, b, out=out), allow_tf32)
     timings = time_interleaved(
         {"copy": lambda: destination.copy_(source), "matmul": matmul}, device, rounds=5, min_rounds=3, max_seconds=4.0
     )

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..layout import default_index_dtype, to_dense
 from ..ops import condensed_linear
-from .timing import first_line
+from .timing import first_line, with_tf32
 
 # name -> what the name means, in the order tables show them.
 METHOD_DESCRIPTIONS = {
@@ -166,7 +166,7 @@ def _method(
         moved = 2 * stored + sum(_bytes(weights[i]) for i in trainable) + 3 * problem.activation_bytes
         flops *= 3
     if allow_tf32 is not None:
-        call = _with_tf32(call, allow_tf32)
+        call = with_tf32(call, allow_tf32)
     try:
         call()
     except Exception as error:  # noqa: BLE001 -- reported in the results, not raised mid-sweep
@@ -231,20 +231,6 @@ def layer_methods(layer: Layer, batch: int, names: Sequence[str], training: bool
         return _method(name, problem, _linear, (weight,), dense_flops // 2, trainable=(), x=x.to(half))
 
     return [build(name) for name in names]
-
-
-def _with_tf32(call: Callable[[], object], allow: bool) -> Callable[[], object]:
-    """Sets cuBLAS's TF32 switch for the call (and for a graph captured around it)."""
-
-    def run() -> object:
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        try:
-            return call()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-
-    return run
 
 
 def available_methods(device: torch.device) -> Tuple[str, ...]:

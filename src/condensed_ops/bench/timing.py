@@ -48,6 +48,20 @@ def speedup(baseline: Mapping[str, Optional[float]], other: Mapping[str, Optiona
     return baseline["seconds"] / other["seconds"]
 
 
+def with_tf32(call: Callable[[], object], allow: bool) -> Callable[[], object]:
+    """Sets cuBLAS's TF32 switch for the call (and for a graph captured around it)."""
+
+    def run() -> object:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            return call()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    return run
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
