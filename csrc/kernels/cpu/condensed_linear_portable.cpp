@@ -154,38 +154,31 @@ void fill_transposed_columns(const scalar_t* values, const index_t* idx, int64_t
   }
 }
 
-#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                              \
-  template bool portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, \
-                                                    int64_t, int64_t);                            \
-  template void portable::transposed<scalar_t, index_t>(                                          \
-      const CondensedLinearProblem<scalar_t, index_t>&, int64_t, int64_t, int64_t, acc_t<scalar_t>*);
-
-CONDENSED_OPS_INSTANTIATE(float, int16_t)
-CONDENSED_OPS_INSTANTIATE(float, int32_t)
-CONDENSED_OPS_INSTANTIATE(double, int16_t)
-CONDENSED_OPS_INSTANTIATE(double, int32_t)
-CONDENSED_OPS_INSTANTIATE(Half, int16_t)
-CONDENSED_OPS_INSTANTIATE(Half, int32_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
-#undef CONDENSED_OPS_INSTANTIATE
+// Every (value type, index type) pair the glue dispatches to, listed once.
+#define CONDENSED_OPS_FOR_EACH_TYPE_PAIR(X) \
+  X(float, int16_t)                         \
+  X(float, int32_t)                         \
+  X(double, int16_t)                        \
+  X(double, int32_t)                        \
+  X(Half, int16_t)                          \
+  X(Half, int32_t)                          \
+  X(BFloat16, int16_t)                      \
+  X(BFloat16, int32_t)
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                      \
+  template bool portable::gather<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&,     \
+                                                    int64_t, int64_t);                                    \
+  template void portable::transposed<scalar_t, index_t>(                                                  \
+      const CondensedLinearProblem<scalar_t, index_t>&, int64_t, int64_t, int64_t, acc_t<scalar_t>*);    \
   template void fill_transposed_columns<scalar_t, index_t, int16_t>(const scalar_t*, const index_t*, int64_t, \
                                                                     int64_t, const int64_t*, int64_t, int64_t, \
                                                                     int16_t*, scalar_t*);                      \
   template void fill_transposed_columns<scalar_t, index_t, int32_t>(const scalar_t*, const index_t*, int64_t, \
                                                                     int64_t, const int64_t*, int64_t, int64_t, \
                                                                     int32_t*, scalar_t*);
-CONDENSED_OPS_INSTANTIATE(float, int16_t)
-CONDENSED_OPS_INSTANTIATE(float, int32_t)
-CONDENSED_OPS_INSTANTIATE(double, int16_t)
-CONDENSED_OPS_INSTANTIATE(double, int32_t)
-CONDENSED_OPS_INSTANTIATE(Half, int16_t)
-CONDENSED_OPS_INSTANTIATE(Half, int32_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
+CONDENSED_OPS_FOR_EACH_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
 #undef CONDENSED_OPS_INSTANTIATE
+#undef CONDENSED_OPS_FOR_EACH_TYPE_PAIR
 
 template void transposed_column_offsets<int16_t>(const int16_t*, int64_t, int64_t, int64_t*);
 template void transposed_column_offsets<int32_t>(const int32_t*, int64_t, int64_t, int64_t*);
