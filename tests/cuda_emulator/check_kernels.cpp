@@ -1,0 +1,386 @@
+// Runs every CUDA kernel of csrc/kernels/cuda under the CPU emulator
+// (cuda_emulator.h) and compares each output element with a float64
+// reference: forward (constant fan-in rows), grad_values (with and without
+// batch splits), grad_x through the transposed layout (bitwise deterministic)
+// and through the atomic scatter. Every value type and index type, x read from
+// shared memory and through L1, awkward shapes, padded row strides, an
+// expanded (stride 0) x, and indices outside [0, in_features) that must be
+// skipped and reported. Outputs start as NaN so unwritten elements show.
+//
+//   check_kernels [quick|full|races] [seed]
+// Prints one line per failure and a summary; exits 1 on any failure.
+#include <cinttypes>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "condensed_linear_cuda.h"
+
+namespace k = condensed_ops::kernels::cuda;
+
+namespace {
+
+int failures = 0;
+int checks = 0;
+
+double to_double(float v) { return v; }
+double to_double(double v) { return v; }
+double to_double(__half v) { return __half2float(v); }
+double to_double(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> T from_double(double v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(float(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(float(v));
+  else return T(v);
+}
+
+template <typename T> const char* type_name() {
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  else if constexpr (std::is_same_v<T, double>) return "float64";
+  else if constexpr (std::is_same_v<T, __half>) return "float16";
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bfloat16";
+  else if constexpr (std::is_same_v<T, int16_t>) return "int16";
+  else return "int32";
+}
+
+// Unit roundoff of the stored result and of the accumulator.
+template <typename T> double output_epsilon() {
+  if constexpr (std::is_same_v<T, __half>) return std::ldexp(1.0, -11);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return std::ldexp(1.0, -8);
+  else return std::numeric_limits<T>::epsilon() / 2;
+}
+// Half the spacing of the stored type's subnormals: the absolute rounding
+// error floor (float16's subnormals start at 6.1e-5).
+template <typename T> double output_subnormal_floor() {
+  if constexpr (std::is_same_v<T, __half>) return std::ldexp(1.0, -25);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return std::ldexp(1.0, -134);
+  else return std::numeric_limits<T>::denorm_min() / 2;
+}
+template <typename T> double accumulator_epsilon() {
+  return std::numeric_limits<k::acc_t<T>>::epsilon() / 2;
+}
+
+struct Case {
+  int64_t batch, in_features, out_features, fan_in;
+  int64_t x_row_padding = 0;  // x row stride = in_features + padding, or 0 when expanded_x
+  int64_t y_row_padding = 0;
+  bool expanded_x = false;    // every batch row is the same x row (stride 0)
+  bool bias = true;
+  int bad_indices = 0;        // entries set outside [0, in_features)
+  k::XAccess access = k::XAccess::Auto;
+  k::DeviceLimits limits{k::DeviceLimits{132, 227 * 1024, 228 * 1024}};
+
+  std::string describe() const {
+    static const char* access_names[] = {"auto", "shared", "global"};
+    char s[256];
+    std::snprintf(s, sizeof s, "batch=%" PRId64 " in=%" PRId64 " out=%" PRId64 " fan_in=%" PRId64
+                  " x_pad=%" PRId64 " y_pad=%" PRId64 " expanded_x=%d bias=%d bad=%d x=%s sms=%d",
+                  batch, in_features, out_features, fan_in, x_row_padding, y_row_padding, int(expanded_x), int(bias),
+                  bad_indices, access_names[int(access)], limits.multiprocessors);
+    return s;
+  }
+};
+
+// A value within bounds of the reference: the output's own rounding plus a
+// float accumulation of `terms` products whose magnitudes add to `magnitude`.
+template <typename T>
+bool close(double got, double expected, double magnitude, int64_t terms) {
+  const double bound = output_epsilon<T>() * std::abs(expected) * 1.01 +
+                       double(terms + 2) * accumulator_epsilon<T>() * magnitude + output_subnormal_floor<T>();
+  return std::abs(got - expected) <= bound;
+}
+
+template <typename T>
+void expect_close(const char* what, const Case& c, const std::vector<T>& got, const std::vector<double>& expected,
+                  const std::vector<double>& magnitude, const std::vector<int64_t>& terms, int64_t rows, int64_t columns,
+                  int64_t row_stride) {
+  ++checks;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t col = 0; col < columns; ++col) {
+      const double g = to_double(got[size_t(r * row_stride + col)]);
+      const size_t e = size_t(r * columns + col);
+      if (!close<T>(g, expected[e], magnitude[e], terms[e])) {
+        std::printf("FAIL %s %s: [%" PRId64 ", %" PRId64 "] = %.9g, expected %.9g (%s)\n", what, type_name<T>(), r, col,
+                    g, expected[e], c.describe().c_str());
+        ++failures;
+        return;
+      }
+    }
+  }
+}
+
+void expect(bool ok, const char* what, const std::string& detail) {
+  ++checks;
+  if (!ok) {
+    std::printf("FAIL %s (%s)\n", what, detail.c_str());
+    ++failures;
+  }
+}
+
+// Buffers are allocated by std::vector: operator new aligns them to 16 bytes,
+// as torch's allocators do, which the kernels' packed loads rely on.
+template <typename T>
+std::vector<T> random_values(std::mt19937_64& rng, size_t n) {
+  std::normal_distribution<double> normal;
+  std::vector<T> v(n);
+  for (T& e : v) e = from_double<T>(normal(rng));
+  return v;
+}
+
+template <typename T>
+std::vector<T> poisoned(size_t n) {
+  return std::vector<T>(n, from_double<T>(std::numeric_limits<double>::quiet_NaN()));
+}
+
+template <typename scalar_t, typename index_t>
+void check_case(const Case& c, std::mt19937_64& rng) {
+  using acc = k::acc_t<scalar_t>;
+  const int64_t B = c.batch, I = c.in_features, O = c.out_features, K = c.fan_in, entries = O * K;
+  const int64_t x_stride = c.expanded_x ? 0 : I + c.x_row_padding;
+  const int64_t y_stride = O + c.y_row_padding;
+  const std::vector<scalar_t> x = random_values<scalar_t>(rng, size_t(c.expanded_x ? I : B * x_stride));
+  const std::vector<scalar_t> values = random_values<scalar_t>(rng, size_t(entries));
+  const std::vector<scalar_t> bias = random_values<scalar_t>(rng, size_t(O));
+  const std::vector<scalar_t> grad_y = random_values<scalar_t>(rng, size_t(B * O));
+  std::vector<index_t> idx(static_cast<size_t>(entries));
+  std::uniform_int_distribution<int64_t> column(0, I - 1);
+  for (index_t& i : idx) i = index_t(column(rng));
+  // Bad entries: negative, == in_features, the type's extremes.
+  const int64_t bad_candidates[] = {-1, I, std::numeric_limits<index_t>::max(), std::numeric_limits<index_t>::min()};
+  std::vector<bool> bad(size_t(entries), false);
+  for (int n = 0; n < c.bad_indices && entries > 0; ++n) {
+    const size_t e = size_t(std::uniform_int_distribution<int64_t>(0, entries - 1)(rng));
+    idx[e] = index_t(bad_candidates[n % 4]);
+    bad[e] = true;
+  }
+  const bool any_bad = std::count(bad.begin(), bad.end(), true) > 0;
+  const auto xv = [&](int64_t b, int64_t i) { return to_double(x[size_t(b * x_stride + i)]); };
+
+  // ---- forward -------------------------------------------------------------
+  {
+    std::vector<double> expected(static_cast<size_t>(B * O)), magnitude(static_cast<size_t>(B * O));
+    std::vector<int64_t> terms(size_t(B * O), K);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t o = 0; o < O; ++o) {
+        double sum = c.bias ? to_double(bias[size_t(o)]) : 0.0, mag = std::abs(sum);
+        for (int64_t j = 0; j < K; ++j) {
+          const size_t e = size_t(o * K + j);
+          if (bad[e]) continue;
+          const double term = to_double(values[e]) * xv(b, int64_t(idx[e]));
+          sum += term;
+          mag += std::abs(term);
+        }
+        expected[size_t(b * O + o)] = sum;
+        magnitude[size_t(b * O + o)] = mag;
+      }
+    }
+    std::vector<scalar_t> y = poisoned<scalar_t>(size_t(B * y_stride));
+    int flag = 0;
+    const k::ForwardProblem<scalar_t, index_t> p{x.data(), x_stride, values.data(), idx.data(),
+                                                 c.bias ? bias.data() : nullptr, y.data(), y_stride, B, I, O, K,
+                                                 nullptr, &flag};
+    const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, I, O, double(K), c.limits, c.access);
+    expect(k::launch_forward(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+           "forward: launch", c.describe());
+    expect_close("forward", c, y, expected, magnitude, terms, B, O, y_stride);
+    // The padding between rows stays untouched.
+    bool padding_kept = true;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t o = O; o < y_stride; ++o) padding_kept &= std::isnan(to_double(y[size_t(b * y_stride + o)]));
+    }
+    expect(padding_kept, "forward: wrote into y's row padding", c.describe());
+    expect(flag == int(any_bad), "forward: bad-index flag", c.describe());
+  }
+
+  // ---- grad_values ---------------------------------------------------------
+  {
+    std::vector<double> expected(static_cast<size_t>(entries)), magnitude(static_cast<size_t>(entries));
+    std::vector<int64_t> terms(size_t(entries), B);
+    for (int64_t e = 0; e < entries; ++e) {
+      double sum = 0, mag = 0;
+      for (int64_t b = 0; b < B && !bad[size_t(e)]; ++b) {
+        const double term = to_double(grad_y[size_t(b * O + e / K)]) * xv(b, int64_t(idx[size_t(e)]));
+        sum += term;
+        mag += std::abs(term);
+      }
+      expected[size_t(e)] = sum;
+      magnitude[size_t(e)] = mag;
+    }
+    const k::LaunchPlan plan = k::plan_grad_values<scalar_t>(B, I, O, K, c.limits, c.access);
+    std::vector<acc> partial(static_cast<size_t>(k::grad_values_partial_elements(plan, entries)));
+    std::vector<scalar_t> grad = poisoned<scalar_t>(size_t(entries));
+    int flag = 0;
+    const k::GradValuesProblem<scalar_t, index_t> p{grad_y.data(), O, x.data(), x_stride, idx.data(), grad.data(),
+                                                    partial.empty() ? nullptr : partial.data(), B, I, O, K, &flag};
+    expect(k::launch_grad_values(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+           "grad_values: launch", c.describe());
+    expect_close("grad_values", c, grad, expected, magnitude, terms, O, K, K);
+    expect(flag == int(any_bad), "grad_values: bad-index flag", c.describe());
+  }
+
+  // ---- grad_x = grad_y @ W -------------------------------------------------
+  std::vector<double> expected(size_t(B * I), 0.0), magnitude(size_t(B * I), 0.0);
+  std::vector<int64_t> terms(size_t(B * I), 0);
+  for (int64_t e = 0; e < entries; ++e) {
+    if (bad[size_t(e)]) continue;
+    const int64_t col = int64_t(idx[size_t(e)]);
+    for (int64_t b = 0; b < B; ++b) {
+      const double term = to_double(values[size_t(e)]) * to_double(grad_y[size_t(b * O + e / K)]);
+      expected[size_t(b * I + col)] += term;
+      magnitude[size_t(b * I + col)] += std::abs(term);
+      terms[size_t(b * I + col)] += 1;
+    }
+  }
+  {  // the deterministic path: transposed layout, then the forward kernels over it
+    size_t sort_bytes = 0;
+    expect(k::transposed_layout_sort_bytes(entries, I, &sort_bytes) == cudaSuccess, "transposed: sort bytes",
+           c.describe());
+    std::vector<uint32_t> keys0(static_cast<size_t>(entries)), keys1(static_cast<size_t>(entries));
+    std::vector<int32_t> positions0(static_cast<size_t>(entries)), positions1(static_cast<size_t>(entries)), rows(static_cast<size_t>(entries));
+    std::vector<unsigned char> scratch(std::max<size_t>(sort_bytes, 1));
+    std::vector<int64_t> column_offsets(size_t(I + 1), -1);
+    std::vector<scalar_t> column_values(static_cast<size_t>(entries));
+    int flag = 0;
+    k::TransposedLayoutProblem<scalar_t, index_t> t{};
+    t.values = values.data();
+    t.idx = idx.data();
+    t.out_features = O;
+    t.fan_in = K;
+    t.in_features = I;
+    t.keys[0] = keys0.data();
+    t.keys[1] = keys1.data();
+    t.positions[0] = positions0.data();
+    t.positions[1] = positions1.data();
+    t.sort_scratch = scratch.data();
+    t.sort_scratch_bytes = sort_bytes;
+    t.column_offsets = column_offsets.data();
+    t.rows = rows.data();
+    t.column_values = column_values.data();
+    t.bad_index_flag = &flag;
+    expect(k::build_transposed_layout(t, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+           "transposed: build", c.describe());
+    bool offsets_ok = column_offsets[0] == 0;
+    for (int64_t i = 0; i < I; ++i) offsets_ok &= column_offsets[size_t(i)] <= column_offsets[size_t(i + 1)];
+    expect(offsets_ok, "transposed: column offsets not monotone from 0", c.describe());
+    expect(flag == int(any_bad), "transposed: bad-index flag", c.describe());
+
+    std::vector<scalar_t> first;
+    for (int run = 0; run < 2; ++run) {
+      std::vector<scalar_t> grad_x = poisoned<scalar_t>(size_t(B * I));
+      const k::ForwardProblem<scalar_t, int32_t> p{grad_y.data(), O, column_values.data(), rows.data(), nullptr,
+                                                   grad_x.data(), I, B, O, I, 0, column_offsets.data(), nullptr};
+      const double mean_row = I > 0 ? double(entries) / double(I) : 0.0;
+      const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, O, I, mean_row, c.limits, c.access);
+      expect(k::launch_forward(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+             "grad_x transposed: launch", c.describe());
+      if (run == 0) {
+        expect_close("grad_x transposed", c, grad_x, expected, magnitude, terms, B, I, I);
+        first = grad_x;
+      } else {
+        expect(std::memcmp(first.data(), grad_x.data(), first.size() * sizeof(scalar_t)) == 0,
+               "grad_x transposed: not bitwise reproducible", c.describe());
+      }
+    }
+  }
+  {  // the atomic scatter, into a zeroed accumulator of the accumulator type
+    std::vector<acc> grad_x_acc(static_cast<size_t>(B * I), acc(0));
+    int flag = 0;
+    const k::ScatterGradInputProblem<scalar_t, index_t> p{grad_y.data(), O, values.data(), idx.data(),
+                                                          grad_x_acc.data(), B, I, O, K, &flag};
+    expect(k::launch_grad_input_scatter(p, c.limits, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+           "grad_x scatter: launch", c.describe());
+    std::vector<scalar_t> grad_x(static_cast<size_t>(B * I));
+    for (size_t i = 0; i < grad_x.size(); ++i) grad_x[i] = from_double<scalar_t>(double(grad_x_acc[i]));
+    expect_close("grad_x scatter", c, grad_x, expected, magnitude, terms, B, I, I);
+    expect(flag == int(any_bad), "grad_x scatter: bad-index flag", c.describe());
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void check_all(const std::vector<Case>& cases, std::mt19937_64& rng) {
+  for (const Case& c : cases) {
+    if (std::is_same_v<index_t, int16_t> && c.in_features > std::numeric_limits<int16_t>::max()) continue;
+    check_case<scalar_t, index_t>(c, rng);
+  }
+}
+
+// Shapes chosen to reach every plan: batch tiles 1..16 with partial last
+// slabs, many slabs (grid_y > 1, grad_values partial sums), row lengths that
+// are not multiples of a 16-byte pack (head/tail paths), one-entry rows, rows
+// longer than a warp's packs, x rows too long for the shared budget (the L1
+// path), a small device (more rows per block), padded and expanded strides.
+std::vector<Case> make_cases(bool full) {
+  const k::DeviceLimits small_device{2, 48 * 1024, 64 * 1024};
+  std::vector<Case> cases = {
+      {1, 37, 29, 11},
+      {2, 16, 8, 16},
+      {3, 50, 21, 7, 5, 3},
+      {5, 100, 40, 19},
+      {8, 64, 33, 9, 0, 0, false, false},
+      {9, 30, 12, 30},
+      {16, 48, 31, 1},
+      {17, 77, 5, 40, 0, 2},
+      {40, 24, 10, 24},
+      {70, 50, 20, 13},
+      {6, 200, 3, 150},
+      {4, 33, 9, 5, 0, 0, true},
+      {3, 40, 11, 6, 0, 0, false, true, 4},
+      {20, 40, 11, 6, 0, 0, false, true, 4},
+      {1, 30000, 4, 64},
+      {33, 13000, 3, 20},
+  };
+  for (const Case& base : std::vector<Case>(cases)) {
+    for (const k::XAccess access : {k::XAccess::Shared, k::XAccess::Global}) {
+      Case c = base;
+      c.access = access;
+      cases.push_back(c);
+    }
+  }
+  Case small = {12, 90, 70, 17, 1, 1};
+  small.limits = small_device;
+  cases.push_back(small);
+  if (full) {
+    cases.push_back({300, 64, 40, 24});
+    cases.push_back({129, 31, 65, 10, 2, 1});
+    cases.push_back({2, 64, 700, 7});
+    Case many_slabs = {250, 40, 12, 9, 0, 0, false, true, 3};
+    many_slabs.limits = small_device;
+    cases.push_back(many_slabs);
+  }
+  return cases;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "quick";
+  if (mode != "quick" && mode != "full" && mode != "races") {
+    std::fprintf(stderr, "usage: check_kernels [quick|full|races] [seed]\n");
+    return 2;
+  }
+  std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
+  std::vector<Case> cases = make_cases(mode == "full");
+  if (mode == "races") {
+    // For ThreadSanitizer: the cases where threads share memory across
+    // barriers (x staged in shared memory, several batch slabs, sums across
+    // slabs) and no bad index: the bad-index flag is a deliberate benign race
+    // (every writer stores the same constant).
+    std::erase_if(cases, [](const Case& c) { return c.bad_indices > 0 || c.access == k::XAccess::Global || c.batch < 9; });
+    check_all<float, int32_t>(cases, rng);
+    check_all<__nv_bfloat16, int16_t>(cases, rng);
+  } else {
+    check_all<float, int16_t>(cases, rng);
+    check_all<float, int32_t>(cases, rng);
+    check_all<double, int16_t>(cases, rng);
+    check_all<double, int32_t>(cases, rng);
+    check_all<__half, int16_t>(cases, rng);
+    check_all<__half, int32_t>(cases, rng);
+    check_all<__nv_bfloat16, int16_t>(cases, rng);
+    check_all<__nv_bfloat16, int32_t>(cases, rng);
+  }
+  std::printf("%d checks over %zu cases, %d failures\n", checks, cases.size(), failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,85 @@
+"""The CUDA kernels run on the CPU: csrc/kernels/cuda compiled as host C++
+against tests/cuda_emulator/cuda_emulator.h (one OS thread per CUDA thread,
+real barriers and warp shuffles), checked element by element against a float64
+reference by tests/cuda_emulator/check_kernels.cpp.
+
+This checks the kernels' logic, planners and launch configurations without a
+GPU, under AddressSanitizer + UBSan (out-of-bounds global and shared accesses,
+misaligned packed loads) and ThreadSanitizer (shared-memory races between
+barriers). It says nothing about speed; tests/test_cuda.py runs the real thing
+on a GPU. Needs g++ and the CUDA toolkit's headers, as CI's compile check does.
+"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "cuda_emulator"))
+import build as emulator  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None or emulator.cuda_include_dir() is None,
+    reason="needs g++ and the CUDA toolkit's headers",
+)
+
+
+def run_checker(executable: Path, mode: str, seed: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([str(executable), mode, str(seed)], capture_output=True, text=True, timeout=900)
+
+
+def assert_clean(result: subprocess.CompletedProcess) -> None:
+    report = result.stdout[-4000:] + result.stderr[-8000:]
+    assert result.returncode == 0, report
+    assert "0 failures" in result.stdout, report
+    assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, report
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cuda_emulator")
+
+
+def test_every_kernel_matches_float64_under_address_sanitizer(build_dir):
+    executable = emulator.build(build_dir / "address", sanitize="address")
+    assert_clean(run_checker(executable, "quick", seed=0))
+
+
+def test_no_shared_memory_race_under_thread_sanitizer(build_dir):
+    executable = emulator.build(build_dir / "thread", sanitize="thread")
+    assert_clean(run_checker(executable, "races", seed=1))
+
+
+def test_checker_catches_a_dropped_tail_entry(build_dir, tmp_path):
+    """The checker can fail: a forward kernel that skips the last entry of
+    rows whose length is not a multiple of the 16-byte pack gives wrong
+    outputs (and a wrong grad_x, which runs the forward kernel over CSR rows)."""
+    kernels = tmp_path / "kernels"
+    shutil.copytree(emulator.KERNELS, kernels)
+    forward = kernels / "condensed_linear_forward.cu"
+    tail_loop = "for (int64_t e = vec_end + lane; e < end; e += lanes) {"
+    source = forward.read_text()
+    assert source.count(tail_loop) == 1
+    forward.write_text(source.replace(tail_loop, tail_loop.replace("e < end;", "e + 1 < end;")))
+    executable = emulator.build(build_dir / "mutant", kernels=kernels)
+    result = run_checker(executable, "quick")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAIL forward" in result.stdout and "FAIL grad_x transposed" in result.stdout
+
+
+def test_translation_rewrites_only_the_cuda_syntax():
+    source = (
+        "extern __shared__ __align__(16) unsigned char shared_bytes[];\n"
+        "kernel<float, int><<<dim3(a, b), 256, shared, stream>>>(p, 1);\n"
+        "#include <cub/device/device_radix_sort.cuh>\n"
+        "int x = a < b ? c : d;\n"
+    )
+    translated = emulator.translate(source)
+    assert "unsigned char* const shared_bytes = reinterpret_cast<unsigned char*>(::emu::dynamic_shared());" in translated
+    assert "::emu::launch(kernel<float, int>, dim3(a, b), 256, shared, stream)(p, 1);" in translated
+    assert "cub/" not in translated
+    assert "int x = a < b ? c : d;" in translated
+    with pytest.raises(ValueError):
+        emulator.translate("__shared__ float tile[32];")
