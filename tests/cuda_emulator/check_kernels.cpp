@@ -1,7 +1,7 @@
 // Runs every CUDA kernel of csrc/kernels/cuda under the CPU emulator
 // (cuda_emulator.h) and compares each output element with a float64
 // reference: forward (constant fan-in rows), grad_values (with and without
-// batch splits), grad_x through the transposed layout (bitwise deterministic)
+// batch splits; bitwise deterministic), grad_x through the transposed layout (too)
 // and through the atomic scatter. Every value type and index type, x read from
 // shared memory and through L1, awkward shapes, padded row strides, an
 // expanded (stride 0) x, and indices outside [0, in_features) that must be
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "condensed_linear_cuda.h"
+#include "device_helpers.cuh"  // kVector, kMaxBatchTile
 
 namespace k = condensed_ops::kernels::cuda;
 
@@ -77,9 +78,9 @@ struct Case {
     static const char* access_names[] = {"auto", "shared", "global"};
     char s[256];
     std::snprintf(s, sizeof s, "batch=%" PRId64 " in=%" PRId64 " out=%" PRId64 " fan_in=%" PRId64
-                  " x_pad=%" PRId64 " y_pad=%" PRId64 " expanded_x=%d bias=%d bad=%d x=%s sms=%d",
+                  " x_pad=%" PRId64 " y_pad=%" PRId64 " expanded_x=%d bias=%d bad=%d x=%s sms=%d grid_y<=%d",
                   batch, in_features, out_features, fan_in, x_row_padding, y_row_padding, int(expanded_x), int(bias),
-                  bad_indices, access_names[int(access)], limits.multiprocessors);
+                  bad_indices, access_names[int(access)], limits.multiprocessors, limits.max_grid_y);
     return s;
   }
 };
@@ -115,7 +116,7 @@ void expect_close(const char* what, const Case& c, const std::vector<T>& got, co
 void expect(bool ok, const char* what, const std::string& detail) {
   ++checks;
   if (!ok) {
-    std::printf("FAIL %s (%s)\n", what, detail.c_str());
+    if (failures < 50) std::printf("FAIL %s (%s)\n", what, detail.c_str());
     ++failures;
   }
 }
@@ -219,6 +220,11 @@ void check_case(const Case& c, std::mt19937_64& rng) {
            "grad_values: launch", c.describe());
     expect_close("grad_values", c, grad, expected, magnitude, terms, O, K, K);
     expect(flag == int(any_bad), "grad_values: bad-index flag", c.describe());
+    // No atomics anywhere: a second run, scheduled differently, is bitwise equal.
+    const std::vector<scalar_t> first = grad;
+    expect(k::launch_grad_values(p, plan, nullptr) == cudaSuccess &&
+               std::memcmp(first.data(), grad.data(), first.size() * sizeof(scalar_t)) == 0,
+           "grad_values: not bitwise reproducible", c.describe());
   }
 
   // ---- grad_x = grad_y @ W -------------------------------------------------
@@ -307,13 +313,70 @@ void check_all(const std::vector<Case>& cases, std::mt19937_64& rng) {
   }
 }
 
+// The planners' promises, over shapes far larger than the emulator can run
+// (up to a million batch rows or input features): launches the hardware
+// accepts (grid, shared memory), every output row and weight entry covered by
+// exactly the blocks launched, pack-aligned grad_values ranges.
+template <typename scalar_t>
+void check_plans() {
+  const int64_t V = k::kVector<scalar_t>;
+  const k::DeviceLimits devices[] = {
+      {132, 227 * 1024, 228 * 1024}, {108, 163 * 1024, 164 * 1024}, {2, 48 * 1024, 64 * 1024, 3}};
+  const int64_t batches[] = {1, 2, 3, 5, 8, 9, 16, 17, 31, 256, 2048, 4097, 65536, 1 << 20};
+  const int64_t features[] = {1, 7, 768, 3072, 4096, 14336, 25000, 30000, 65535, 1 << 20};
+  const int64_t fan_ins[] = {1, 3, 77, 410, 1434};
+  const k::XAccess accesses[] = {k::XAccess::Auto, k::XAccess::Shared, k::XAccess::Global};
+  for (const k::DeviceLimits& d : devices) {
+    for (const int64_t batch : batches) {
+      for (const int64_t in : features) {
+        for (const int64_t out : features) {
+          for (const int64_t fan_in : fan_ins) {
+            for (const k::XAccess access : accesses) {
+              char where[160];
+              std::snprintf(where, sizeof where, "%s batch=%" PRId64 " in=%" PRId64 " out=%" PRId64 " fan_in=%" PRId64 " access=%d sms=%d",
+                            type_name<scalar_t>(), batch, in, out, fan_in, int(access), d.multiprocessors);
+              const k::LaunchPlan f = k::plan_forward<scalar_t>(batch, in, out, double(fan_in), d, access);
+              const int64_t f_slabs = (batch + f.batch_tile - 1) / f.batch_tile;
+              bool ok = f.threads == k::kThreads && f.batch_tile >= 1 && f.batch_tile <= k::kMaxBatchTile<scalar_t> &&
+                        (f.batch_tile & (f.batch_tile - 1)) == 0 && f.lanes_per_row >= 1 && f.lanes_per_row <= 32 &&
+                        (f.lanes_per_row & (f.lanes_per_row - 1)) == 0 && f.grid_y >= 1 && int64_t(f.grid_y) <= d.max_grid_y &&
+                        int64_t(f.grid_y) <= f_slabs && f.grid_x >= 1 &&
+                        int64_t(f.grid_x) * f.work_per_block >= out && int64_t(f.grid_x - 1) * f.work_per_block < out &&
+                        f.shared_bytes <= size_t(d.max_shared_bytes_per_block) &&
+                        f.shared_bytes == (f.shared_x ? size_t(in * f.batch_tile) * sizeof(scalar_t) : 0) &&
+                        !(access == k::XAccess::Global && f.shared_x);
+              expect(ok, "plan_forward", where);
+              if (int64_t(out) * fan_in >= (int64_t(1) << 31)) continue;  // the glue's limit for weights
+              if (fan_in > in) continue;
+              const k::LaunchPlan g = k::plan_grad_values<scalar_t>(batch, in, out, fan_in, d, access);
+              const int64_t entries = out * fan_in;
+              const int64_t g_slabs = (batch + g.batch_tile - 1) / g.batch_tile;
+              ok = g.threads == k::kThreads && g.batch_tile >= 1 && g.batch_tile <= k::kMaxBatchTile<scalar_t> &&
+                   g.lanes_per_row >= 1 && g.lanes_per_row <= 32 && (g.lanes_per_row & (g.lanes_per_row - 1)) == 0 &&
+                   g.work_per_block % V == 0 && g.grid_x >= 1 && int64_t(g.grid_x) * g.work_per_block >= entries &&
+                   int64_t(g.grid_x - 1) * g.work_per_block < entries && g.grid_y >= 1 &&
+                   int64_t(g.grid_y) <= std::min<int64_t>(g_slabs, d.max_grid_y) &&
+                   g.shared_bytes <= size_t(d.max_shared_bytes_per_block) &&
+                   k::grad_values_partial_elements(g, entries) * int64_t(sizeof(k::acc_t<scalar_t>)) <= (int64_t(256) << 20) &&
+                   !(access == k::XAccess::Global && g.shared_x);
+              expect(ok, "plan_grad_values", where);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Shapes chosen to reach every plan: batch tiles 1..16 with partial last
 // slabs, many slabs (grid_y > 1, grad_values partial sums), row lengths that
 // are not multiples of a 16-byte pack (head/tail paths), one-entry rows, rows
 // longer than a warp's packs, x rows too long for the shared budget (the L1
 // path), a small device (more rows per block), padded and expanded strides.
 std::vector<Case> make_cases(bool full) {
-  const k::DeviceLimits small_device{2, 48 * 1024, 64 * 1024};
+  // Two SMs, and a grid of at most 2 blocks over the batch: blocks stride over
+  // slabs as they do on a GPU past 65535 slabs.
+  const k::DeviceLimits small_device{2, 48 * 1024, 64 * 1024, 2};
   std::vector<Case> cases = {
       {1, 37, 29, 11},
       {2, 16, 8, 16},
@@ -339,13 +402,26 @@ std::vector<Case> make_cases(bool full) {
       cases.push_back(c);
     }
   }
-  Case small = {12, 90, 70, 17, 1, 1};
-  small.limits = small_device;
-  cases.push_back(small);
+  for (const k::XAccess access : {k::XAccess::Auto, k::XAccess::Shared, k::XAccess::Global}) {
+    Case small = {12, 90, 70, 17, 1, 1};
+    small.access = access;
+    small.limits = small_device;
+    cases.push_back(small);
+    Case strided = {45, 60, 20, 9, 0, 3};
+    strided.access = access;
+    strided.limits = small_device;
+    cases.push_back(strided);
+  }
   if (full) {
     cases.push_back({300, 64, 40, 24});
     cases.push_back({129, 31, 65, 10, 2, 1});
     cases.push_back({2, 64, 700, 7});
+    // The paper's 90%-sparse 768 -> 3072 layer and its transpose, at sizes the
+    // benchmarks use.
+    cases.push_back({1, 768, 3072, 77});
+    cases.push_back({16, 768, 3072, 77});
+    cases.push_back({5, 3072, 768, 307});
+    cases.push_back({256, 768, 256, 77});
     Case many_slabs = {250, 40, 12, 9, 0, 0, false, true, 3};
     many_slabs.limits = small_device;
     cases.push_back(many_slabs);
@@ -362,6 +438,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
+  check_plans<float>();
+  check_plans<double>();
+  check_plans<__half>();
+  check_plans<__nv_bfloat16>();
   std::vector<Case> cases = make_cases(mode == "full");
   if (mode == "races") {
     // For ThreadSanitizer: the cases where threads share memory across

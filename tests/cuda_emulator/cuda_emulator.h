@@ -339,6 +339,7 @@ extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr 
     case cudaDevAttrMultiProcessorCount: *value = emu::kMultiprocessors; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kMaxSharedPerBlockOptin; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = emu::kMaxSharedPerMultiprocessor; return cudaSuccess;
+    case cudaDevAttrMaxGridDimY: *value = 65535; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }

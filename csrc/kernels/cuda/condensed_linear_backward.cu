@@ -309,7 +309,7 @@ LaunchPlan plan_grad_values(int64_t batch, int64_t in_features, int64_t out_feat
   // Splits of the batch (gridDim.y) for kWaves waves of blocks, as far as the
   // partial sums' memory allows.
   const int64_t wanted = (kWaves * sms * blocks_per_sm + plan.grid_x - 1) / plan.grid_x;
-  int64_t splits = std::clamp<int64_t>(wanted, 1, std::min(slabs, kMaxSplits));
+  int64_t splits = std::clamp<int64_t>(wanted, 1, std::min<int64_t>({slabs, kMaxSplits, std::max(1, limits.max_grid_y)}));
   while (splits > 1 && splits * entries * int64_t(sizeof(acc)) > kMaxPartialBytes) --splits;
   plan.grid_y = unsigned(splits);
   return plan;

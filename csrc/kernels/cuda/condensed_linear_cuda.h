@@ -41,6 +41,7 @@ struct DeviceLimits {
   int multiprocessors = 1;
   int max_shared_bytes_per_block = 48 * 1024;  // the opt-in limit
   int max_shared_bytes_per_multiprocessor = 48 * 1024;
+  int max_grid_y = 65535;  // more batch slabs than this: blocks stride over them
 };
 cudaError_t query_device_limits(int device, DeviceLimits* limits);
 

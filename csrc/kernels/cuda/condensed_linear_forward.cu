@@ -236,7 +236,7 @@ LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features
   plan.shared_bytes = shared_x ? slab_bytes(tile) : 0;
   plan.work_per_block = std::max<int64_t>(1, (out_features + row_chunks - 1) / row_chunks);
   plan.grid_x = unsigned(std::max<int64_t>(1, (out_features + plan.work_per_block - 1) / plan.work_per_block));
-  plan.grid_y = unsigned(std::min<int64_t>(slabs, 65535));  // more slabs: blocks stride over them
+  plan.grid_y = unsigned(std::clamp<int64_t>(slabs, 1, std::max(1, limits.max_grid_y)));  // more: blocks stride
   return plan;
 }
 
@@ -263,6 +263,7 @@ cudaError_t query_device_limits(int device, DeviceLimits* limits) {
     err = cudaDeviceGetAttribute(&limits->max_shared_bytes_per_multiprocessor,
                                  cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   }
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limits->max_grid_y, cudaDevAttrMaxGridDimY, device);
   return err;
 }
 
