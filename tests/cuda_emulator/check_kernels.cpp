@@ -2,7 +2,8 @@
 // (cuda_emulator.h) and compares each output element with a float64
 // reference: forward (constant fan-in rows), grad_values (with and without
 // batch splits; bitwise deterministic), grad_x through the transposed layout (too)
-// and through the atomic scatter. Every value type and index type, x read from
+// and through the atomic scatter; and counts the bytes each kernel streams
+// from the weights (exactly once per batch slab, 16-byte loads). Every value type and index type, x read from
 // shared memory and through L1, awkward shapes, padded row strides, an
 // expanded (stride 0) x, and indices outside [0, in_features) that must be
 // skipped and reported. Outputs start as NaN so unwritten elements show.
@@ -136,6 +137,21 @@ std::vector<T> poisoned(size_t n) {
   return std::vector<T>(n, from_double<T>(std::numeric_limits<double>::quiet_NaN()));
 }
 
+// The weights are streamed exactly once per batch slab (once in all for a
+// batch that fits one tile), values only 16 bytes at a time when rows are
+// whole packs.
+template <typename scalar_t, typename index_t>
+void expect_streamed_once(const char* what, const Case& c, const emu::LoadCounter& values,
+                          const emu::LoadCounter& idx, int64_t entries, int64_t batch, int batch_tile,
+                          bool whole_packs) {
+  const int64_t slabs = (batch + batch_tile - 1) / batch_tile;
+  const std::string where = std::string(what) + " " + type_name<scalar_t>() + "/" + type_name<index_t>() + ": " + c.describe();
+  expect(values.bytes() == entries * int64_t(sizeof(scalar_t)) * slabs, "values not streamed exactly once per slab",
+         where);
+  expect(idx.bytes() == entries * int64_t(sizeof(index_t)) * slabs, "idx not streamed exactly once per slab", where);
+  expect(!whole_packs || values.wide_loads() * 16 == values.bytes(), "values not loaded 16 bytes at a time", where);
+}
+
 template <typename scalar_t, typename index_t>
 void check_case(const Case& c, std::mt19937_64& rng) {
   using acc = k::acc_t<scalar_t>;
@@ -184,8 +200,12 @@ void check_case(const Case& c, std::mt19937_64& rng) {
                                                  c.bias ? bias.data() : nullptr, y.data(), y_stride, B, I, O, K,
                                                  nullptr, &flag};
     const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, I, O, double(K), c.limits, c.access);
+    emu::LoadCounter values_loads(values.data(), values.size() * sizeof(scalar_t));
+    emu::LoadCounter idx_loads(idx.data(), idx.size() * sizeof(index_t));
     expect(k::launch_forward(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
            "forward: launch", c.describe());
+    expect_streamed_once<scalar_t, index_t>("forward", c, values_loads, idx_loads, entries, B, plan.batch_tile,
+                                            K % k::kVector<scalar_t> == 0);
     expect_close("forward", c, y, expected, magnitude, terms, B, O, y_stride);
     // The padding between rows stays untouched.
     bool padding_kept = true;
@@ -216,8 +236,11 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     int flag = 0;
     const k::GradValuesProblem<scalar_t, index_t> p{grad_y.data(), O, x.data(), x_stride, idx.data(), grad.data(),
                                                     partial.empty() ? nullptr : partial.data(), B, I, O, K, &flag};
+    emu::LoadCounter idx_loads(idx.data(), idx.size() * sizeof(index_t));
     expect(k::launch_grad_values(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
            "grad_values: launch", c.describe());
+    expect(idx_loads.bytes() == entries * int64_t(sizeof(index_t)) * ((B + plan.batch_tile - 1) / plan.batch_tile),
+           "grad_values: idx not streamed exactly once per batch slab", c.describe());
     expect_close("grad_values", c, grad, expected, magnitude, terms, O, K, K);
     expect(flag == int(any_bad), "grad_values: bad-index flag", c.describe());
     // No atomics anywhere: a second run, scheduled differently, is bitwise equal.
@@ -280,8 +303,13 @@ void check_case(const Case& c, std::mt19937_64& rng) {
                                                    grad_x.data(), I, B, O, I, 0, column_offsets.data(), nullptr};
       const double mean_row = I > 0 ? double(entries) / double(I) : 0.0;
       const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, O, I, mean_row, c.limits, c.access);
+      const int64_t kept = column_offsets[size_t(I)];  // entries with a valid index
+      emu::LoadCounter values_loads(column_values.data(), size_t(kept) * sizeof(scalar_t));
+      emu::LoadCounter rows_loads(rows.data(), size_t(kept) * sizeof(int32_t));
       expect(k::launch_forward(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
              "grad_x transposed: launch", c.describe());
+      expect_streamed_once<scalar_t, int32_t>("grad_x transposed", c, values_loads, rows_loads, kept, B,
+                                              plan.batch_tile, false);
       if (run == 0) {
         expect_close("grad_x transposed", c, grad_x, expected, magnitude, terms, B, I, I);
         first = grad_x;

@@ -7,7 +7,8 @@
 // What it checks that nvcc cannot: the kernels' index arithmetic and results
 // (against a float64 reference, in check_kernels.cpp), launch configurations
 // (threads, grid, dynamic shared memory against the opt-in limit), 16-byte
-// alignment of packed loads, warp shuffles reached by all 32 lanes, and - with
+// alignment of packed loads, the bytes streamed from each weight buffer and
+// how many loads were 16 bytes wide, warp shuffles reached by all 32 lanes, and - with
 // AddressSanitizer / ThreadSanitizer - any out-of-bounds access (global or
 // shared: each block's dynamic shared memory is its own exact-size
 // allocation, filled with NaN bytes) and shared-memory races between barriers.
@@ -159,9 +160,49 @@ T shuffle_xor(unsigned mask, T value, int lane_mask, int width) {
   return result;
 }
 
+// Counts the read-only loads (__ldg) that fall in one buffer while it lives:
+// how many bytes a kernel streamed from it, and how many loads were 16 bytes
+// wide. Create and destroy outside kernels (no kernel may run meanwhile).
+class LoadCounter {
+ public:
+  LoadCounter(const void* data, size_t bytes)
+      : begin_(static_cast<const unsigned char*>(data)), end_(begin_ + bytes) {
+    all().push_back(this);
+  }
+  ~LoadCounter() { std::erase(all(), this); }
+  LoadCounter(const LoadCounter&) = delete;
+  LoadCounter& operator=(const LoadCounter&) = delete;
+
+  int64_t bytes() const { return bytes_; }
+  int64_t loads() const { return loads_; }
+  int64_t wide_loads() const { return wide_loads_; }
+  void reset() { bytes_ = loads_ = wide_loads_ = 0; }
+
+  static void record(const void* p, size_t size) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    for (LoadCounter* counter : all()) {
+      if (c >= counter->begin_ && c < counter->end_) {
+        counter->bytes_ += int64_t(size);
+        counter->loads_ += 1;
+        counter->wide_loads_ += size == 16 ? 1 : 0;
+      }
+    }
+  }
+
+ private:
+  static std::vector<LoadCounter*>& all() {
+    static std::vector<LoadCounter*> counters;
+    return counters;
+  }
+  const unsigned char* begin_;
+  const unsigned char* end_;
+  std::atomic<int64_t> bytes_{0}, loads_{0}, wide_loads_{0};
+};
+
 template <typename T>
 T load_global_readonly(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) fault("__ldg: misaligned address");
+  LoadCounter::record(p, sizeof(T));
   return *p;
 }
 
