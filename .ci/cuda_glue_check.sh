@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The CUDA glue (csrc/cuda/*.cpp) compiles and links against the torch the GPU
-# machine runs (2.11.0+cu130), on a machine with neither a GPU nor a CUDA torch.
+# The package's CUDA build (CMake's CUDA branch: kernels with nvcc, the glue in
+# csrc/cuda, the extension linked against libtorch_cuda) configures, compiles
+# and links against the torch the GPU machine runs (2.11.0+cu130), here, on a
+# machine with neither a GPU nor a CUDA torch.
 #
 # The CPU torch lacks the generated c10/cuda headers, so the glue is otherwise
 # never compiled here. This downloads the CUDA torch wheel (~530 MB, no
-# dependencies, not installed), takes its headers and libraries, compiles the
-# glue and csrc/condensed_linear.cpp with CONDENSED_OPS_WITH_CUDA, the kernels
-# with nvcc, and links them into one shared library with --no-undefined: a
-# missing kernel instantiation or a torch API that 2.11 lacks fails here.
+# dependencies, not installed: its CUDA libraries could not load here), unzips
+# its headers and the four libraries the extension links, and answers
+# CMakeLists.txt's `import torch` questions with a stub module beside them.
+# Then it checks that the extension leaves no condensed_ops symbol undefined
+# (a shared module links with undefined symbols; a missing kernel
+# instantiation would only show at import on the GPU machine).
 #
 #   bash .ci/cuda_glue_check.sh [torch version, default 2.11.0]
 set -euo pipefail
@@ -17,27 +21,32 @@ version=${1:-2.11.0}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python3 -m pip download -q --no-deps --only-binary=:all: -d "$work" "torch==$version"
+python -m pip download -q --no-deps --only-binary=:all: -d "$work" "torch==$version"
 unzip -q "$work"/torch-"$version"-*.whl 'torch/include/*' 'torch/version.py' \
-  'torch/lib/libtorch_cuda.so' 'torch/lib/libc10_cuda.so' 'torch/lib/libtorch_cpu.so' 'torch/lib/libc10.so' -d "$work"
-torch="$work/torch"
-grep -q "^cuda: .*'[0-9]" "$torch/version.py" || { echo "torch $version from the index has no CUDA"; exit 1; }
-cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-[ -f "$cuda_home/include/cuda_runtime.h" ] || cuda_home=/usr/local/cuda
+  'torch/lib/libtorch_cuda.so' 'torch/lib/libc10_cuda.so' 'torch/lib/libtorch_cpu.so' 'torch/lib/libc10.so' \
+  -d "$work/site"
+cuda=$(sed -n "s/^cuda: .* = '\(.*\)'$/\1/p" "$work/site/torch/version.py")
+[ -n "$cuda" ] || { echo "torch $version from the index has no CUDA"; exit 1; }
+cat >"$work/site/torch/__init__.py" <<EOF
+# What CMakeLists.txt asks torch; the real headers and libraries sit beside this file.
+import types
+version = types.SimpleNamespace(cuda="$cuda")
+def compiled_with_cxx11_abi():
+    return True
+EOF
 
-echo "compiling the CUDA glue against torch $(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$torch/version.py")"
-cxx_flags=(-std=c++17 -O1 -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -DCONDENSED_OPS_WITH_CUDA -Werror -Wall
-  -isystem "$torch/include" -isystem "$torch/include/torch/csrc/api/include" -isystem "$cuda_home/include")
-pids=()
-for source in csrc/cuda/*.cpp csrc/condensed_linear.cpp; do
-  g++ "${cxx_flags[@]}" -c "$source" -o "$work/$(basename "$source" .cpp).o" & pids+=($!)
-done
-for source in csrc/kernels/cuda/*.cu; do
-  nvcc -std=c++17 -O3 -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 -c "$source" \
-    -o "$work/$(basename "$source" .cu).cu.o" & pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+echo "building the CUDA extension against torch $version+cu${cuda/./} (not installed)"
+PYTHONPATH="$work/site" cmake -S . -B "$work/build" -G Ninja -DPython_EXECUTABLE="$(command -v python)" \
+  -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" -DSKBUILD_PROJECT_VERSION=0.0.0 >"$work/configure.log" ||
+  { cat "$work/configure.log"; exit 1; }
+grep -q "CUDA kernels: nvcc" "$work/configure.log" || { cat "$work/configure.log"; echo "CMake left CUDA out"; exit 1; }
+cmake --build "$work/build" -- -j 2 >"$work/build.log" 2>&1 || { tail -n 60 "$work/build.log"; exit 1; }
 
-g++ -shared -o "$work/libglue_check.so" "$work"/*.o -L"$torch/lib" -L"$cuda_home/lib64" \
-  -ltorch_cuda -lc10_cuda -ltorch_cpu -lc10 -lcudart -Wl,--no-undefined
-echo "CUDA glue: compiles and links against torch $version"
+extension=$(ls "$work"/build/_C*.so)
+undefined=$(nm -D --undefined-only -C "$extension" | grep condensed_ops || true)
+if [ -n "$undefined" ]; then
+  echo "the CUDA extension leaves condensed_ops symbols undefined:"
+  echo "$undefined"
+  exit 1
+fi
+echo "CUDA extension: configures, compiles and links against torch $version (no undefined condensed_ops symbol)"
