@@ -10,15 +10,19 @@ barriers). It says nothing about speed; tests/test_cuda.py runs the real thing
 on a GPU. Needs g++ and the CUDA toolkit's headers, as CI's compile check does.
 """
 
+import importlib.util
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "cuda_emulator"))
-import build as emulator  # noqa: E402
+# Loaded by path under its own name: "build" alone could be pypa's package.
+_spec = importlib.util.spec_from_file_location(
+    "condensed_ops_cuda_emulator_build", Path(__file__).parent / "cuda_emulator" / "build.py"
+)
+emulator = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emulator)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None or emulator.cuda_include_dir() is None,
