@@ -1,13 +1,51 @@
 // The Python extension module: loading it registers the ops (static
-// initialisers in this library); its attributes report how it was built.
-// Tensors never pass through here: they go through torch.ops.condensed_ops.
+// initialisers in this library); its attributes report how it was built and
+// which kernels run. Tensors never pass through here: they go through
+// torch.ops.condensed_ops.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 
-#include "cpu/cpu_kernel_choice.h"
+#include "cpu/cpu_glue.h"
+#include "cpu/kernel_choice.h"
+#include "kernel_options.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 namespace py = pybind11;
+
+namespace {
+
+bool avx2_compiled() {
+#if defined(CONDENSED_OPS_WITH_AVX2)
+  return true;
+#else
+  return false;
+#endif
+}
+
+py::dict cpu_capabilities() {
+  namespace cpu = condensed_ops::cpu;
+  namespace k = condensed_ops::kernels;
+  const cpu::Isa isa = cpu::active_isa();
+  const cpu::SmallBatchChoice small_batch = cpu::small_batch_choice(isa);
+  py::dict facts;
+  facts["avx2_compiled"] = avx2_compiled();
+  facts["avx2_supported"] = k::avx2::cpu_supports();
+  facts["avx512_supported"] = k::avx512::cpu_supports();
+  facts["active_isa"] = cpu::isa_name(isa);
+  facts["small_batch_max"] = cpu::kSmallBatchMax;
+  facts["small_batch_kernel"] = cpu::strategy_name(small_batch.strategy);
+  facts["small_batch_reason"] = small_batch.reason;
+  facts["window_width"] = cpu::window_width(isa);
+  facts["window_max_batch"] = cpu::kWindowMaxBatch;
+  py::dict options;
+  for (const auto& [name, value] : condensed_ops::kernel_options()) options[py::str(name)] = value;
+  facts["kernel_options"] = options;
+  return facts;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "condensed_ops compiled core: registers torch.ops.condensed_ops.* and reports build facts";
@@ -17,16 +55,18 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_capabilities", [] {
-    py::dict facts;
-    facts["avx2_compiled"] = condensed_ops::cpu::avx2_compiled();
-    facts["avx2_supported"] = condensed_ops::cpu::avx2_supported();
-    facts["avx512_supported"] = condensed_ops::cpu::avx512_supported();
-    facts["active_isa"] = condensed_ops::cpu::active_isa();
-    facts["gather_max_batch"] = condensed_ops::cpu::gather_max_batch();
-    return facts;
-  }, "What the CPU kernels were built with, what this CPU supports and which path runs.");
-  m.def("_set_cpu_kernel", &condensed_ops::cpu::set_kernel_override, py::arg("isa") = "auto",
-        py::arg("strategy") = "auto", "Force a CPU kernel flavour/strategy (tests and benchmarks only).");
+  m.def("cpu_capabilities", &cpu_capabilities,
+        "What the CPU kernels were built with, what this CPU supports, which kernels run and why "
+        "(the small-batch calibration runs on first call), and the kernel options in force.");
+  m.def("_set_kernel_option", &condensed_ops::set_kernel_option, py::arg("name"), py::arg("value"),
+        "Force a kernel path for this process: the same options as the CONDENSED_OPS_<NAME> environment variables.");
+  m.def("_kernel_options", [] {
+    py::dict options;
+    for (const auto& [name, value] : condensed_ops::kernel_options()) options[py::str(name)] = value;
+    return options;
+  });
   m.def("_threads_used_by_parallel_for", &condensed_ops::cpu::threads_used_by_parallel_for, py::arg("items"));
+  m.def("_cache_entries", &condensed_ops::cpu::cache_entries,
+        "Entries in the CPU caches of validated indices, column layouts and window layouts.");
+  m.def("_clear_caches", &condensed_ops::cpu::clear_caches);
 }

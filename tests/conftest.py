@@ -31,16 +31,18 @@ def pytest_configure(config):
 # ---- CPU kernel paths ---------------------------------------------------------
 
 _CAPABILITIES = condensed_ops._C.cpu_capabilities()
-GATHER_MAX_BATCH = int(_CAPABILITIES["gather_max_batch"])
+SMALL_BATCH_MAX = int(_CAPABILITIES["small_batch_max"])
 # SIMD flavours, narrowest first; a build that does not know one reports no key for it.
 SIMD_ISAS = ("avx2", "avx512")
 SUPPORTED_ISAS = ["portable"] + [isa for isa in SIMD_ISAS if _CAPABILITIES.get(f"{isa}_supported", False)]
 UNSUPPORTED_ISAS = [isa for isa in SIMD_ISAS if isa not in SUPPORTED_ISAS]
 WIDEST_ISA = SUPPORTED_ISAS[-1]  # what "auto" should run
+ROW_STRATEGIES = ("gather", "scalar", "tiled")
 
-# (isa, strategy): every forced flavour this CPU can run, plus the automatic choice.
+# (isa, strategy): every forced flavour this CPU can run, plus the automatic
+# choice. The portable flavour has no gather.
 KERNEL_PATHS = [("auto", "auto")] + [
-    (isa, strategy) for isa in SUPPORTED_ISAS for strategy in ("gather", "transposed")
+    (isa, strategy) for isa in SUPPORTED_ISAS for strategy in ROW_STRATEGIES if (isa, strategy) != ("portable", "gather")
 ]
 FORCED_KERNEL_PATHS = [path for path in KERNEL_PATHS if path != ("auto", "auto")]
 
@@ -49,14 +51,23 @@ def kernel_path_id(path: Tuple[str, str]) -> str:
     return "auto" if path == ("auto", "auto") else f"{path[0]}-{path[1]}"
 
 
+def set_kernel_options(**options: str) -> None:
+    for name, value in options.items():
+        condensed_ops._C._set_kernel_option(name, value)
+
+
+def reset_kernel_options() -> None:
+    set_kernel_options(cpu_isa="auto", cpu_strategy="auto", cpu_small_batch="auto")
+
+
 @contextlib.contextmanager
-def cpu_kernel(isa: str, strategy: str) -> Iterator[None]:
+def cpu_kernel(isa: str, strategy: str = "auto") -> Iterator[None]:
     """Force a CPU kernel path for the duration of the block, then go back to auto."""
-    condensed_ops._C._set_cpu_kernel(isa, strategy)
+    set_kernel_options(cpu_isa=isa, cpu_strategy=strategy)
     try:
         yield
     finally:
-        condensed_ops._C._set_cpu_kernel("auto", "auto")
+        reset_kernel_options()
 
 
 @pytest.fixture(params=KERNEL_PATHS, ids=kernel_path_id)
@@ -71,7 +82,7 @@ def _restore_cpu_kernel_and_threads():
     # A test that fails half-way must not leave a forced path or thread count behind.
     threads = torch.get_num_threads()
     yield
-    condensed_ops._C._set_cpu_kernel("auto", "auto")
+    reset_kernel_options()
     torch.set_num_threads(threads)
 
 
@@ -103,10 +114,11 @@ class SampleSpec:
 
 
 def _batch_specs():
-    # Around the gather/transposed crossover (GATHER_MAX_BATCH) and the
-    # transposed tile of 16 rows; out=13 leaves a tail after the blocks of 4
-    # outputs, fan_in=19 a tail after the 8-wide vectors.
-    return [SampleSpec(f"batch{b}", (b,), 40, 13, 19) for b in (1, 2, 3, 4, 5, 15, 16, 17, 31, 33, 257)]
+    # Around the small-batch/tiled crossover and every tile width (8, 16, 32
+    # rows, and a partial last tile); out=13 leaves a tail after the blocks of
+    # outputs and a partial 16-row window block, fan_in=19 a tail after the
+    # 8-wide vectors.
+    return [SampleSpec(f"batch{b}", (b,), 40, 13, 19) for b in (1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 31, 33, 40, 257)]
 
 
 SAMPLE_SPECS = [
@@ -116,7 +128,7 @@ SAMPLE_SPECS = [
     SampleSpec("in33", (17,), 33, 10, 8),
     SampleSpec("in100", (20,), 100, 12, 17),
     SampleSpec("k1", (4,), 64, 8, 1),
-    SampleSpec("k1_transposed_batch", (18,), 64, 8, 1),
+    SampleSpec("k1_big_batch", (18,), 64, 8, 1),
     SampleSpec("k_equals_in", (6,), 24, 8, 24),
     SampleSpec("k_equals_in_big_batch", (21,), 24, 8, 24),
     SampleSpec("repeated_idx", (3,), 10, 7, 12, repeated_idx=True),
@@ -131,7 +143,8 @@ SAMPLE_SPECS = [
     SampleSpec("x_4d_zero_middle", (3, 0, 2), 16, 8, 4),
     SampleSpec("fan_in0", (5,), 16, 6, 0),
     SampleSpec("out0", (5,), 16, 0, 4),
-    SampleSpec("wide_out_chunks", (20,), 64, 130, 8),  # transposed splits outputs too
+    SampleSpec("wide_out_chunks", (20,), 64, 130, 8),  # tiled splits outputs too
+    SampleSpec("many_windows", (3,), 700, 40, 90),  # 11 windows of 63 columns, 3 of 255
     SampleSpec("x_transposed_small", (3,), 24, 10, 9, x_layout="transposed"),
     SampleSpec("x_transposed", (20,), 24, 10, 9, x_layout="transposed"),
     SampleSpec("x_transposed_3d", (3, 6), 24, 10, 9, x_layout="transposed"),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import condensed_ops
 from conftest import (
-    GATHER_MAX_BATCH,
+    SMALL_BATCH_MAX,
     INDEX_DTYPES,
     QUICK_SPECS,
     SAMPLE_SPECS,
@@ -76,10 +76,10 @@ def test_gradients_every_dtype(spec, dtype, index_dtype, kernel_path):
     check_gradients(make_sample(spec, dtype, index_dtype), dtype)
 
 
-@pytest.mark.parametrize("out_features", [3, 40_000])  # int16 and int32 row indices in the transposed layout
+@pytest.mark.parametrize("out_features", [3, 40_000])  # int16 and int32 row indices in W's column layout
 def test_gradients_wide_layers(out_features, kernel_path):
     g = torch.Generator().manual_seed(out_features)
-    x = torch.randn(GATHER_MAX_BATCH + 3, 50, generator=g)
+    x = torch.randn(SMALL_BATCH_MAX + 3, 50, generator=g)
     values = torch.randn(out_features, 4, generator=g)
     idx = torch.randint(0, 50, (out_features, 4), generator=g).to(torch.int32)
     check_gradients(Sample("wide", x, values, idx, None), torch.float32)

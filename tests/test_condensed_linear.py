@@ -3,6 +3,7 @@ kernel path, threads, opcheck, TorchScript and torch.compile."""
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -17,7 +18,7 @@ from torch import Tensor
 import condensed_ops
 from conftest import (
     FORCED_KERNEL_PATHS,
-    GATHER_MAX_BATCH,
+    SMALL_BATCH_MAX,
     INDEX_DTYPES,
     KERNEL_PATHS,
     QUICK_SPECS,
@@ -217,38 +218,87 @@ def test_random_shapes_match_reference(data):
 # ---- kernel choice -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch", sorted({1, GATHER_MAX_BATCH, GATHER_MAX_BATCH + 1, 40}))
-def test_auto_picks_gather_up_to_gather_max_batch(batch):
+@pytest.mark.parametrize("batch", sorted({1, SMALL_BATCH_MAX, SMALL_BATCH_MAX + 1, 5, 40}))
+def test_auto_picks_the_small_batch_kernel_then_tiled(batch):
+    caps = condensed_ops._C.cpu_capabilities()
     isa = WIDEST_ISA
-    strategy = "gather" if batch <= GATHER_MAX_BATCH else "transposed"
+    strategy = caps["small_batch_kernel"] if batch <= SMALL_BATCH_MAX else "tiled"
     sample = make_sample(SampleSpec("auto", (batch,), 64, 16, 37))
     auto = condensed_ops.condensed_linear(*sample.args)
-    assert condensed_ops._C.cpu_capabilities()["active_isa"] == isa
+    assert caps["active_isa"] == isa
     with cpu_kernel(isa, strategy):
         forced = condensed_ops.condensed_linear(*sample.args)
     assert torch.equal(auto, forced), f"auto did not run {isa}/{strategy} at batch {batch}"
 
 
+def test_small_batch_choice_is_calibrated_and_reported():
+    caps = condensed_ops._C.cpu_capabilities()
+    if WIDEST_ISA == "portable":
+        assert caps["small_batch_kernel"] == "scalar"
+        return
+    assert caps["small_batch_kernel"] in ("gather", "scalar")
+    times = dict(re.findall(r"(gather|scalar) ([0-9.]+) us", caps["small_batch_reason"]))
+    assert set(times) == {"gather", "scalar"}, caps["small_batch_reason"]
+    faster = min(times, key=lambda name: float(times[name]))
+    assert caps["small_batch_kernel"] == faster
+    with cpu_kernel("auto", "auto"):
+        condensed_ops._C._set_kernel_option("cpu_small_batch", "gather" if faster == "scalar" else "scalar")
+        forced = condensed_ops._C.cpu_capabilities()
+        assert forced["small_batch_kernel"] != faster and "forced" in forced["small_batch_reason"]
+    assert condensed_ops._C.cpu_capabilities()["small_batch_kernel"] == faster
+
+
+_ENVIRONMENT_SCRIPT = """
+import torch, condensed_ops
+caps = condensed_ops._C.cpu_capabilities()
+print(caps["kernel_options"], caps["small_batch_kernel"], caps["small_batch_reason"])
+"""
+
+
+@pytest.mark.parametrize("value", ["gather", "scalar"])
+def test_environment_variable_forces_the_small_batch_kernel(value):
+    if WIDEST_ISA == "portable":
+        pytest.skip("the portable flavour has no gather")
+    env = dict(os.environ, CONDENSED_OPS_CPU_SMALL_BATCH=value)
+    result = subprocess.run([sys.executable, "-c", _ENVIRONMENT_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"'cpu_small_batch': '{value}'" in result.stdout and f"}} {value} forced" in result.stdout
+
+
+def test_a_bad_environment_variable_is_named_on_first_use():
+    script = "import torch, condensed_ops\ncondensed_ops.condensed_linear(torch.randn(2, 4), torch.randn(3, 2), torch.zeros(3, 2, dtype=torch.int16))"
+    env = dict(os.environ, CONDENSED_OPS_CPU_STRATEGY="fastest")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "CONDENSED_OPS_CPU_STRATEGY must be one of 'auto', 'gather', 'scalar', 'tiled', got 'fastest'" in result.stderr
+
+
 @pytest.mark.parametrize("path", FORCED_KERNEL_PATHS, ids=kernel_path_id)
 def test_forcing_a_kernel_is_reported_and_undone(path):
     with cpu_kernel(*path):
-        assert condensed_ops._C.cpu_capabilities()["active_isa"] == path[0]
+        caps = condensed_ops._C.cpu_capabilities()
+        assert caps["active_isa"] == path[0]
+        assert caps["kernel_options"]["cpu_strategy"] == path[1]
     assert condensed_ops._C.cpu_capabilities()["active_isa"] == WIDEST_ISA
+    assert condensed_ops._C._kernel_options() == {"cpu_isa": "auto", "cpu_strategy": "auto", "cpu_small_batch": "auto"}
 
 
-@pytest.mark.parametrize("isa,strategy", [("sse", "auto"), ("auto", "tiled"), ("AVX2", "gather"), ("", "")])
-def test_unknown_kernel_names_are_rejected(isa, strategy):
-    with cpu_kernel("portable", "gather"):
-        with pytest.raises(ValueError):
-            condensed_ops._C._set_cpu_kernel(isa, strategy)
+@pytest.mark.parametrize(
+    "name,value",
+    [("cpu_isa", "sse"), ("cpu_isa", "AVX2"), ("cpu_strategy", "transposed"), ("cpu_small_batch", "tiled"), ("cpu_isa", ""), ("gpu", "auto")],
+)
+def test_unknown_kernel_options_are_rejected(name, value):
+    with cpu_kernel("portable", "scalar"):
+        with pytest.raises(ValueError, match=re.escape(repr(name if name == "gpu" else value))):
+            condensed_ops._C._set_kernel_option(name, value)
         # A rejected call changes nothing.
-        assert condensed_ops._C.cpu_capabilities()["active_isa"] == "portable"
+        assert condensed_ops._C._kernel_options() == {"cpu_isa": "portable", "cpu_strategy": "scalar", "cpu_small_batch": "auto"}
 
 
 @pytest.mark.parametrize("isa", UNSUPPORTED_ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="this CPU/build runs every SIMD flavour"))])
 def test_forcing_a_flavour_the_cpu_lacks_is_refused(isa):
     with pytest.raises(ValueError, match=isa):
-        condensed_ops._C._set_cpu_kernel(isa, "auto")
+        condensed_ops._C._set_kernel_option("cpu_isa", isa)
     assert condensed_ops._C.cpu_capabilities()["active_isa"] == WIDEST_ISA
 
 
@@ -268,8 +318,8 @@ def test_parallel_for_really_uses_several_threads():
     "spec",
     [
         SampleSpec("gather_split_outputs", (3,), 200, 1030, 64),
-        SampleSpec("transposed_split_outputs", (20,), 100, 260, 24),
-        SampleSpec("transposed_split_tiles", (70,), 100, 130, 24),
+        SampleSpec("tiled_split_outputs", (20,), 100, 260, 24),
+        SampleSpec("tiled_split_tiles", (70,), 100, 130, 24),
     ],
     ids=lambda s: s.id,
 )
@@ -439,4 +489,6 @@ def test_build_facts():
     assert caps["avx2_compiled"] or not caps["avx2_supported"]
     assert caps.get("avx512_supported", False) is False or caps["avx2_supported"] is True
     assert caps["active_isa"] in ("portable",) + SIMD_ISAS
-    assert isinstance(caps["gather_max_batch"], int) and caps["gather_max_batch"] >= 1
+    assert isinstance(caps["small_batch_max"], int) and caps["small_batch_max"] >= 1
+    assert caps["small_batch_kernel"] in ("gather", "scalar")
+    assert caps["window_width"] in (64, 256) and caps["window_max_batch"] >= 1

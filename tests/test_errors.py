@@ -175,7 +175,8 @@ _ZERO_IN_FEATURES_SCRIPT = """
 import sys, torch, condensed_ops
 paths = {paths!r}
 for isa, strategy in paths:
-    condensed_ops._C._set_cpu_kernel(isa, strategy)
+    condensed_ops._C._set_kernel_option("cpu_isa", isa)
+    condensed_ops._C._set_kernel_option("cpu_strategy", strategy)
     for index_dtype in (torch.int16, torch.int32, torch.int64):
         for batch in (1, 3, 20):
             for fan_in in (2, 8, 19):

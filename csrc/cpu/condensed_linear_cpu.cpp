@@ -1,4 +1,12 @@
-// CPU glue: checks, layout, index validation, thread split, kernel choice.
+// CPU glue: checks, index validation, layouts and their caches, thread split,
+// kernel choice. The kernels (torch-free) live in csrc/kernels/cpu.
+//
+// Index validation is decided in one place, prepare_indices: an idx tensor is
+// scanned once per version (the result is cached), and every op then trusts
+// it. The kernels still check every index they read (idx may have been
+// rewritten through .data or numpy, which bypasses the version counter); a
+// kernel that met a bad one makes the op rescan and raise the IndexError
+// naming it.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -8,146 +16,35 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <mutex>
 #include <set>
-#include <stdexcept>
 #include <vector>
 
-#include "../condensed_linear.h"
-#include "../kernels/cpu/condensed_linear.h"
-#include "cpu_kernel_choice.h"
+#include "../glue_common.h"
+#include "../kernels/cpu/cpu_kernels.h"
+#include "../op_checks.h"
+#include "../tensor_cache.h"
+#include "cpu_glue.h"
+#include "kernel_choice.h"
 
 namespace condensed_ops::cpu {
 namespace {
 
 namespace k = kernels;
 
-// torch's c10::Half / c10::BFloat16 are bit-compatible with the kernels' types.
-template <typename T> struct KernelType { using type = T; };
-template <> struct KernelType<c10::Half> { using type = k::Half; };
-template <> struct KernelType<c10::BFloat16> { using type = k::BFloat16; };
+template <typename T>
+using KernelType = typename KernelTypeOf<T, k::Half, k::BFloat16>::type;
 
-enum class Isa { Auto, Portable, Avx2, Avx512 };
-enum class Strategy { Auto, Gather, Transposed };
-std::atomic<Isa> isa_override{Isa::Auto};
-std::atomic<Strategy> strategy_override{Strategy::Auto};
-
-// Measured crossover (768<->3072, 90%, 1 thread, this repo's Xeon, 16-row tiles): gather
-// costs ~50 us per extra row, one transposed tile costs the same for 1..32
-// rows; gather wins up to 4 rows (237 vs 285 us) and loses from 5 (325 vs 288).
-constexpr int64_t kGatherMaxBatch = 4;
-
-// The widest flavour this CPU runs, unless a test forced one (set_kernel_override
-// refuses flavours the CPU lacks). AVX-512 CPUs gather with the AVX2 kernels.
-Isa active() {
-  const Isa forced = isa_override.load();
-  if (forced != Isa::Auto) return forced;
-  return avx512_supported() ? Isa::Avx512 : avx2_supported() ? Isa::Avx2 : Isa::Portable;
-}
-
-bool use_gather(int64_t batch) {
-  switch (strategy_override.load()) {
-    case Strategy::Gather: return true;
-    case Strategy::Transposed: return false;
-    default: return batch <= kGatherMaxBatch;
-  }
-}
-
-// Fails with IndexError naming the first entry of idx outside [0, in_features).
-void check_index_range(const at::Tensor& idx, int64_t in_features) {
-  const int64_t n = idx.numel();
-  int64_t bad;
-  switch (idx.scalar_type()) {
-    case at::kShort: bad = k::first_index_out_of_range(idx.data_ptr<int16_t>(), n, in_features); break;
-    case at::kInt: bad = k::first_index_out_of_range(idx.data_ptr<int32_t>(), n, in_features); break;
-    default: bad = k::first_index_out_of_range(idx.data_ptr<int64_t>(), n, in_features); break;
-  }
-  if (bad >= 0) {
-    const int64_t fan_in = idx.size(1);
-    TORCH_CHECK_INDEX(false, "condensed_linear: idx[", bad / fan_in, ", ", bad % fan_in, "] = ",
-                      idx.view(-1)[bad].item<int64_t>(), " is outside [0, in_features=", in_features, ")");
-  }
-}
-
-// Returns false if the kernels met an index outside [0, in_features).
-template <typename scalar_t, typename index_t>
-bool run_gather(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
-  // ~32k multiply-adds per task keeps the fork/join cost small at batch 1.
-  const int64_t mean_row_length = p.entries() / std::max<int64_t>(1, p.out_features);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, mean_row_length * p.batch));
-  std::atomic<bool> all_inside{true};
-  at::parallel_for(0, p.out_features, grain, [&](int64_t begin, int64_t end) {
-    bool inside;
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-#if defined(CONDENSED_OPS_WITH_AVX2)
-      if (isa != Isa::Portable) {
-        inside = k::avx2::gather(p, begin, end);
-        if (!inside) all_inside = false;
-        return;
-      }
-#endif
-    }
-    inside = k::portable::gather(p, begin, end);
-    if (!inside) all_inside = false;
-  });
-  return all_inside;
-}
-
-// Reads x through idx without checking: run only after check_index_range.
-template <typename scalar_t, typename index_t>
-void run_transposed(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
-  using acc = k::acc_t<scalar_t>;
-  constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
-  const int64_t tiles = (p.batch + k::kTransposedTileRows - 1) / k::kTransposedTileRows;
-  // Threads split the outputs, each walking all tiles over its own slice of
-  // the weights: a slice stays in that core's L2 across tiles, where splitting
-  // by tiles would make every core stream all weights once per tile. Each
-  // task re-transposes its tile, which costs in_features * tile rows, not out * fan_in.
-  const int64_t out_chunks =
-      std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
-  const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
-  at::parallel_for(0, tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
-    // 64-byte aligned (torch's CPU allocator): a tile column is one cache
-    // line, and a malloc'd buffer (16-byte aligned) splits every zmm load in two.
-    const at::Tensor scratch_tensor = at::empty({k::transposed_scratch_size(p.in_features)},
-                                                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
-    acc* scratch = scratch_tensor.data_ptr<acc>();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row0 = (task % tiles) * k::kTransposedTileRows;  // chunk-major: a thread keeps its slice
-      const int64_t out_begin = std::min(p.out_features, (task / tiles) * chunk_outputs);
-      const int64_t out_end = std::min(p.out_features, out_begin + chunk_outputs);
-      if (out_begin == out_end) continue;
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-#if defined(CONDENSED_OPS_WITH_AVX2)
-#if defined(CONDENSED_OPS_WITH_AVX512)
-        if (isa == Isa::Avx512) {
-          k::avx512::transposed(p, row0, out_begin, out_end, scratch);
-          continue;
-        }
-#endif
-        if (isa == Isa::Avx2) {
-          k::avx2::transposed(p, row0, out_begin, out_end, scratch);
-          continue;
-        }
-#endif
-      }
-      k::portable::transposed(p, row0, out_begin, out_end, scratch);
-    }
-  });
-}
-
-// Contiguous int16/int32 indices for the kernels. int64 narrows only after a
-// range check, so 2^32 + 5 cannot wrap into a valid column.
-at::Tensor kernel_indices(const at::Tensor& idx, int64_t in_features, bool validate) {
-  at::Tensor contiguous = idx.contiguous();
-  if (validate || contiguous.scalar_type() == at::kLong) check_index_range(contiguous, in_features);
-  return contiguous.scalar_type() == at::kLong ? contiguous.to(at::kInt) : contiguous;
+template <typename T>
+auto* kernel_ptr(const at::Tensor& t) {
+  return reinterpret_cast<KernelType<T>*>(t.data_ptr<T>());
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // t [..., features] as [rows, features] in the accumulator type with unit inner
-// stride: 16-bit inputs are widened once per call, not once per gathered element.
+// stride: 16-bit inputs are widened once per call, not once per element read.
 at::Tensor rows_in_acc_type(const at::Tensor& t, int64_t rows, int64_t features) {
   at::Tensor t_2d = t.reshape({rows, features});
   const auto acc = acc_dtype(t.scalar_type());
@@ -155,27 +52,235 @@ at::Tensor rows_in_acc_type(const at::Tensor& t, int64_t rows, int64_t features)
   return t_2d;
 }
 
-template <typename F>
-void with_index_type(const at::Tensor& idx, F&& f) {
-  idx.scalar_type() == at::kShort ? f(int16_t{}) : f(int32_t{});
+// Splits [0, n) for at::parallel_for with about `work_per_item` multiply-adds
+// per item: ~32k per task keeps the fork/join cost small at batch 1.
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
+
+// ---- indices -------------------------------------------------------------------
+
+// Per idx tensor: every entry lies in [0, bound).
+TensorCache<int64_t>& validated_indices() {
+  static TensorCache<int64_t> cache;
+  return cache;
 }
 
-template <typename T>
-auto* kernel_ptr(const at::Tensor& t) {
-  return reinterpret_cast<typename KernelType<T>::type*>(t.data_ptr<T>());
-}
-
-// Runs whichever strategy suits the batch. Gather checks indices as it loads
-// them; transposed needs them validated beforehand (`validated`).
-template <typename scalar_t, typename index_t>
-void run_forward(const k::CondensedLinearProblem<scalar_t, index_t>& p, bool gather, Isa isa,
-                 const at::Tensor& idx, bool validated) {
-  if (!gather) {
-    TORCH_INTERNAL_ASSERT(validated, "transposed kernels need validated indices");
-    return run_transposed(p, isa);
+[[noreturn]] void raise_index_error(const at::Tensor& idx, int64_t in_features) {
+  validated_indices().forget(idx);
+  const at::Tensor contiguous = idx.contiguous();
+  const int64_t n = contiguous.numel();
+  int64_t bad = -1;
+  switch (contiguous.scalar_type()) {
+    case at::kShort: bad = k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features); break;
+    case at::kInt: bad = k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features); break;
+    default: bad = k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features); break;
   }
-  if (!run_gather(p, isa)) check_index_range(idx, p.in_features);  // raises, naming the culprit
+  TORCH_CHECK_INDEX(bad < 0, "condensed_linear: idx[", bad / std::max<int64_t>(1, idx.size(1)), ", ",
+                    bad % std::max<int64_t>(1, idx.size(1)), "] = ", contiguous.view(-1)[std::max<int64_t>(0, bad)].item<int64_t>(),
+                    " is outside [0, in_features=", in_features, ")");
+  // A kernel met a bad index that is gone now: idx changed while the op ran.
+  TORCH_CHECK_INDEX(false, "condensed_linear: idx held an index outside [0, in_features=", in_features,
+                    ") while the op ran (was it modified concurrently?)");
 }
+
+// The one validation decision: raises IndexError naming the first entry of idx
+// outside [0, in_features) unless this tensor, at this version, passed
+// before; returns the kernels' contiguous int16/int32 indices.
+at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features) {
+  const auto bound = validated_indices().find({&idx}, 0);
+  if (!bound || *bound > in_features) {
+    const at::Tensor contiguous = idx.contiguous();
+    int64_t highest = -1;
+    if (contiguous.numel() > 0) {
+      const int64_t n = contiguous.numel();
+      int64_t bad;
+      switch (contiguous.scalar_type()) {
+        case at::kShort: bad = k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features); break;
+        case at::kInt: bad = k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features); break;
+        default: bad = k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features); break;
+      }
+      if (bad >= 0) raise_index_error(idx, in_features);
+      highest = in_features - 1;  // every entry is below in_features: enough for any later call
+    }
+    validated_indices().insert({&idx}, 0, highest + 1);
+  }
+  return narrow_indices(idx, in_features);
+}
+
+// ---- the row layout's kernels -----------------------------------------------------
+
+// Gather or scalar over all batch rows, threads splitting the outputs.
+template <typename scalar_t, typename index_t>
+bool run_row_walk(const k::CondensedLinearProblem<scalar_t, index_t>& p, Strategy strategy, Isa isa) {
+  const int64_t mean_row_length = p.entries() / std::max<int64_t>(1, p.out_features);
+  std::atomic<bool> inside{true};
+  at::parallel_for(0, p.out_features, grain_for(mean_row_length * p.batch), [&](int64_t begin, int64_t end) {
+    bool ok;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+#if defined(CONDENSED_OPS_WITH_AVX2)
+      if (isa != Isa::Portable) {
+        ok = strategy == Strategy::Gather ? k::avx2::gather(p, begin, end) : k::avx2::scalar(p, begin, end);
+        if (!ok) inside = false;
+        return;
+      }
+#endif
+    }
+    ok = k::portable::scalar(p, begin, end);
+    if (!ok) inside = false;
+  });
+  return inside;
+}
+
+// The batch in tiles of 32 rows, the last one 8, 16 or 32 wide.
+std::vector<k::BatchTile> batch_tiles(int64_t batch) {
+  std::vector<k::BatchTile> tiles;
+  for (int64_t row = 0; row < batch; row += k::kMaxTileRows) {
+    const int64_t rows = std::min(k::kMaxTileRows, batch - row);
+    tiles.push_back(k::BatchTile{row, rows, k::tile_rows_for(rows)});
+  }
+  return tiles;
+}
+
+template <typename scalar_t, typename index_t>
+bool run_tiled(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
+  using acc = k::acc_t<scalar_t>;
+  constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
+  const std::vector<k::BatchTile> tiles = batch_tiles(p.batch);
+  const int64_t n_tiles = int64_t(tiles.size());
+  // Threads split the outputs, each walking all tiles over its own slice of
+  // the weights: a slice stays in that core's L2 across tiles, where splitting
+  // by tiles would make every core stream all weights once per tile. Each
+  // task re-transposes its tile, which costs in_features * tile rows, not out * fan_in.
+  const int64_t out_chunks =
+      std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
+  const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
+  std::atomic<bool> inside{true};
+  at::parallel_for(0, n_tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
+    // 64-byte aligned (torch's CPU allocator): a tile column is one cache
+    // line, and a malloc'd buffer (16-byte aligned) splits every zmm load in two.
+    const at::Tensor scratch_tensor = at::empty({k::tile_scratch_size(p.in_features)},
+                                                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+    acc* scratch = scratch_tensor.data_ptr<acc>();
+    bool ok = true;
+    for (int64_t task = begin; task < end; ++task) {
+      const k::BatchTile& tile = tiles[task % n_tiles];  // chunk-major: a thread keeps its slice
+      const int64_t out_begin = std::min(p.out_features, (task / n_tiles) * chunk_outputs);
+      const int64_t out_end = std::min(p.out_features, out_begin + chunk_outputs);
+      if (out_begin == out_end) continue;
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+#if defined(CONDENSED_OPS_WITH_AVX2)
+#if defined(CONDENSED_OPS_WITH_AVX512)
+        if (isa == Isa::Avx512) {
+          ok &= k::avx512::tiled(p, tile, out_begin, out_end, scratch);
+          continue;
+        }
+#endif
+        if (isa == Isa::Avx2) {
+          ok &= k::avx2::tiled(p, tile, out_begin, out_end, scratch);
+          continue;
+        }
+#endif
+      }
+      ok &= k::portable::tiled(p, tile, out_begin, out_end, scratch);
+    }
+    if (!ok) inside = false;
+  });
+  return inside;
+}
+
+// Runs the row layout's kernel for the batch; false if one met a bad index.
+template <typename scalar_t, typename index_t>
+bool run_rows(const k::CondensedLinearProblem<scalar_t, index_t>& p) {
+  const Isa isa = active_isa();
+  const Strategy strategy = row_strategy(p.batch, isa);
+  return strategy == Strategy::Tiled ? run_tiled(p, isa) : run_row_walk(p, strategy, isa);
+}
+
+// ---- W's column layout, cached per idx version -------------------------------------
+
+struct ColumnLayout {
+  at::Tensor offsets;  // int64 [in_features + 1]
+  at::Tensor rows;     // int16/int32 [entries]: the output of each entry, by column
+  at::Tensor sources;  // int32 [entries]: each entry's position in values
+};
+
+TensorCache<ColumnLayout>& column_layouts() {
+  static TensorCache<ColumnLayout> cache;
+  return cache;
+}
+
+// `idx` is the op's argument (the cache key), `idx_k` its kernel indices.
+ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64_t in_features) {
+  if (auto cached = column_layouts().find({&idx}, in_features)) return *cached;
+  const int64_t out_features = idx.size(0);
+  const int64_t fan_in = idx.size(1);
+  const int64_t entries = out_features * fan_in;
+  TORCH_CHECK_VALUE(entries <= std::numeric_limits<int32_t>::max(),
+                    "condensed_linear: the CPU grad_x handles fewer than 2^31 weights, got ", entries);
+  ColumnLayout layout{at::empty({in_features + 1}, at::kLong),
+                      at::empty({entries}, out_features <= INT16_MAX + 1 ? at::kShort : at::kInt),
+                      at::empty({entries}, at::kInt)};
+  std::atomic<bool> inside{true};
+  with_index_type(idx_k, [&](auto index_tag) {
+    with_index_type(layout.rows, [&](auto row_tag) {
+      using index_t = decltype(index_tag);
+      using row_index_t = decltype(row_tag);
+      const index_t* columns = idx_k.data_ptr<index_t>();
+      if (!k::column_offsets(columns, entries, in_features, layout.offsets.data_ptr<int64_t>())) {
+        inside = false;
+        return;
+      }
+      at::parallel_for(0, in_features, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
+        if (!k::fill_columns(columns, out_features, fan_in, in_features, layout.offsets.data_ptr<int64_t>(), begin,
+                             end, layout.rows.data_ptr<row_index_t>(), layout.sources.data_ptr<int32_t>())) {
+          inside = false;
+        }
+      });
+    });
+  });
+  if (!inside) raise_index_error(idx, in_features);
+  column_layouts().insert({&idx}, in_features, layout);
+  return layout;
+}
+
+// ---- the window layout, cached per (values, idx) version ------------------------------
+
+TensorCache<at::Tensor, 2>& window_layouts() {
+  static TensorCache<at::Tensor, 2> cache;
+  return cache;
+}
+
+template <typename scalar_t, typename index_t>
+at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
+                               int64_t in_features, int64_t window) {
+  const int64_t blocks = (out_features + k::kWindowLanes - 1) / k::kWindowLanes;
+  const int64_t windows = k::windows_for(in_features, window);
+  std::vector<int32_t> steps(blocks * windows);
+  at::parallel_for(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
+    k::count_window_steps(idx, out_features, fan_in, window, windows, begin, end, steps.data());
+  });
+  std::vector<int64_t> block_steps(blocks + 1, 0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t sum = 0;
+    for (int64_t w = 0; w < windows; ++w) sum += steps[b * windows + w];
+    block_steps[b + 1] = block_steps[b] + sum;
+  }
+  const k::WindowLayoutHeader header = k::plan_window_layout(
+      k::value_type_of<scalar_t>(), int32_t(sizeof(scalar_t)), window, in_features, out_features, block_steps[blocks]);
+  at::Tensor blob = at::empty({header.bytes}, at::kByte);
+  uint8_t* bytes = blob.data_ptr<uint8_t>();
+  std::memset(bytes, 0, header.values_at);  // header, tables and the padding between them
+  std::memcpy(bytes, &header, sizeof header);
+  std::memcpy(bytes + header.block_steps_at, block_steps.data(), block_steps.size() * sizeof(int64_t));
+  std::memcpy(bytes + header.steps_at, steps.data(), steps.size() * sizeof(int32_t));
+  std::memset(bytes + header.slots_at + header.total_steps * k::kWindowLanes, 0,
+              header.bytes - header.slots_at - header.total_steps * k::kWindowLanes);
+  at::parallel_for(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
+    k::fill_window_blocks(values, idx, fan_in, bytes, begin, end);
+  });
+  return blob;
+}
+
+// ---- the ops -----------------------------------------------------------------------
 
 at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                 const std::optional<at::Tensor>& bias) {
@@ -183,80 +288,67 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   const int64_t in_features = x.size(-1);
   const int64_t out_features = values.size(0);
   at::Tensor y = at::empty(condensed_linear_output_shape(x, values), x.options());
-  const int64_t batch = out_features ? y.numel() / out_features : 0;
-  const bool gather = use_gather(batch);
-  // Gather checks indices as it reads x; with nothing to read (no output, or
-  // no columns at all) it cannot, so check here: bad idx fails on every call.
-  const bool validate = !gather || y.numel() == 0 || in_features == 0;
-  const at::Tensor idx_c = kernel_indices(idx, in_features, validate);
+  // Before the early return: bad idx fails on every call, even with nothing to compute.
+  const at::Tensor idx_k = prepare_indices(idx, in_features);
   if (y.numel() == 0) return y;
+  const int64_t batch = y.numel() / out_features;
   const at::Tensor values_c = values.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor x_2d = rows_in_acc_type(x, batch, in_features);
-  const Isa isa = active();
+  bool inside = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_cpu", [&] {
-    using kernel_scalar_t = typename KernelType<scalar_t>::type;
+    using kernel_scalar_t = KernelType<scalar_t>;
     using acc = k::acc_t<kernel_scalar_t>;
-    with_index_type(idx_c, [&](auto index_tag) {
+    with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const k::CondensedLinearProblem<kernel_scalar_t, index_t> p{
           x_2d.data_ptr<acc>(), x_2d.stride(0),
-          kernel_ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(),
+          kernel_ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(),
           bias_c.defined() ? kernel_ptr<scalar_t>(bias_c) : nullptr,
           kernel_ptr<scalar_t>(y),
           batch, in_features, out_features, values.size(1)};
-      run_forward(p, gather, isa, idx_c, validate);
+      inside = run_rows(p);
     });
   });
+  if (!inside) raise_index_error(idx, in_features);
   return y;
 }
 
-// grad_x = grad_y @ W: the forward kernels over W's transposed layout.
+// grad_x = grad_y @ W: the row layout's kernels over W's column layout.
 at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& idx,
                                            int64_t in_features) {
   check_condensed_linear_grad_input_inputs(grad_y, values, idx, in_features);
-  std::vector<int64_t> shape = grad_y.sizes().vec();
-  shape.back() = in_features;
-  at::Tensor grad_x = at::empty(shape, grad_y.options());
-  // The counting sort indexes by column, so validate before it.
-  const at::Tensor idx_c = kernel_indices(idx, in_features, /*validate=*/true);
+  at::Tensor grad_x = at::empty(grad_input_shape(grad_y, in_features), grad_y.options());
+  const at::Tensor idx_k = prepare_indices(idx, in_features);
   if (grad_x.numel() == 0) return grad_x;
   const int64_t out_features = values.size(0);
-  const int64_t fan_in = values.size(1);
+  const int64_t entries = values.numel();
   const int64_t batch = grad_x.numel() / in_features;
 
+  const ColumnLayout layout = column_layout(idx, idx_k, in_features);
   const at::Tensor values_c = values.contiguous();
+  const at::Tensor column_values = at::empty({entries}, values.options());
   const at::Tensor grad_y_2d = rows_in_acc_type(grad_y, batch, out_features);
-  const at::Tensor column_offsets = at::empty({in_features + 1}, at::kLong);
-  const at::Tensor rows =
-      at::empty({out_features * fan_in}, out_features <= INT16_MAX + 1 ? at::kShort : at::kInt);
-  const at::Tensor column_values = at::empty({out_features * fan_in}, values.options());
-  const bool gather = use_gather(batch);
-  const Isa isa = active();
+  bool inside = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_grad_input_cpu", [&] {
-    using kernel_scalar_t = typename KernelType<scalar_t>::type;
+    using kernel_scalar_t = KernelType<scalar_t>;
     using acc = k::acc_t<kernel_scalar_t>;
-    with_index_type(idx_c, [&](auto index_tag) {
-      with_index_type(rows, [&](auto row_tag) {
-        using index_t = decltype(index_tag);
-        using row_index_t = decltype(row_tag);
-        k::transposed_column_offsets(idx_c.data_ptr<index_t>(), out_features * fan_in, in_features,
-                                     column_offsets.data_ptr<int64_t>());
-        at::parallel_for(0, in_features, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
-          k::fill_transposed_columns(kernel_ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(), out_features, fan_in,
-                                     column_offsets.data_ptr<int64_t>(), begin, end, rows.data_ptr<row_index_t>(),
-                                     kernel_ptr<scalar_t>(column_values));
-        });
-        k::CondensedLinearProblem<kernel_scalar_t, row_index_t> p{
-            grad_y_2d.data_ptr<acc>(), grad_y_2d.stride(0),
-            kernel_ptr<scalar_t>(column_values), rows.data_ptr<row_index_t>(), nullptr,
-            kernel_ptr<scalar_t>(grad_x),
-            batch, out_features, in_features, 0};
-        p.row_offsets = column_offsets.data_ptr<int64_t>();
-        run_forward(p, gather, isa, rows, /*validated=*/true);  // rows < out_features by construction
-      });
+    at::parallel_for(0, entries, /*grain_size=*/32768, [&](int64_t begin, int64_t end) {
+      k::gather_column_values(kernel_ptr<scalar_t>(values_c), layout.sources.data_ptr<int32_t>(), begin, end,
+                              kernel_ptr<scalar_t>(column_values));
+    });
+    with_index_type(layout.rows, [&](auto row_tag) {
+      using row_index_t = decltype(row_tag);
+      k::CondensedLinearProblem<kernel_scalar_t, row_index_t> p{
+          grad_y_2d.data_ptr<acc>(), grad_y_2d.stride(0),
+          kernel_ptr<scalar_t>(column_values), layout.rows.data_ptr<row_index_t>(), nullptr,
+          kernel_ptr<scalar_t>(grad_x),
+          batch, out_features, in_features, 0};
+      p.row_offsets = layout.offsets.data_ptr<int64_t>();
+      inside = run_rows(p);  // rows < out_features by construction
     });
   });
+  TORCH_INTERNAL_ASSERT(inside, "condensed_linear: W's column layout holds a row outside [0, out_features)");
   return grad_x;
 }
 
@@ -266,7 +358,7 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
   check_condensed_linear_grad_values_inputs(grad_y, x, idx);
   at::Tensor grad = at::empty(idx.sizes(), x.options());
   const int64_t in_features = x.size(-1);
-  const at::Tensor idx_c = kernel_indices(idx, in_features, /*validate=*/true);
+  const at::Tensor idx_k = prepare_indices(idx, in_features);
   if (grad.numel() == 0) return grad;
   const int64_t out_features = idx.size(0);
   const int64_t fan_in = idx.size(1);
@@ -285,75 +377,135 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
 
   // Batch chunks of 256 keep a chunk of x_t (in_features KiB) in L2 across all outputs.
   constexpr int64_t kChunk = 256;
-  const Isa isa = active();
+  const Isa isa = active_isa();
+  std::atomic<bool> inside{true};
   AT_DISPATCH_FLOATING_TYPES(acc, "condensed_linear_grad_values_cpu", [&] {
-    with_index_type(idx_c, [&](auto index_tag) {
+    with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       for (int64_t b0 = 0; b0 < padded; b0 += kChunk) {
         const k::GradValuesProblem<scalar_t, index_t> p{
             x_t.data_ptr<scalar_t>() + b0, grad_y_t.data_ptr<scalar_t>() + b0, padded,
-            std::min(kChunk, padded - b0), idx_c.data_ptr<index_t>(), fan_in, grad_acc.data_ptr<scalar_t>(),
-            /*accumulate=*/b0 > 0};
-        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, fan_in * p.length));
-        at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
+            std::min(kChunk, padded - b0), idx_k.data_ptr<index_t>(), in_features, fan_in,
+            grad_acc.data_ptr<scalar_t>(), /*accumulate=*/b0 > 0};
+        at::parallel_for(0, out_features, grain_for(fan_in * p.length), [&](int64_t begin, int64_t end) {
+          bool ok;
           if constexpr (std::is_same_v<scalar_t, float>) {
 #if defined(CONDENSED_OPS_WITH_AVX512)
-            if (isa == Isa::Avx512) return k::avx512::grad_values(p, begin, end);
+            if (isa == Isa::Avx512) {
+              if (!k::avx512::grad_values(p, begin, end)) inside = false;
+              return;
+            }
 #endif
 #if defined(CONDENSED_OPS_WITH_AVX2)
-            if (isa == Isa::Avx2) return k::avx2::grad_values(p, begin, end);
+            if (isa == Isa::Avx2) {
+              if (!k::avx2::grad_values(p, begin, end)) inside = false;
+              return;
+            }
 #endif
           }
-          k::portable::grad_values(p, begin, end);
+          ok = k::portable::grad_values(p, begin, end);
+          if (!ok) inside = false;
         });
       }
     });
   });
+  if (!inside) raise_index_error(idx, in_features);
   if (!grad_acc.is_same(grad)) grad.copy_(grad_acc);
   return grad;
 }
 
-}  // namespace
-
-void set_kernel_override(const std::string& isa, const std::string& strategy) {
-  Isa new_isa;
-  if (isa == "auto") new_isa = Isa::Auto;
-  else if (isa == "portable") new_isa = Isa::Portable;
-  else if (isa == "avx2") new_isa = Isa::Avx2;
-  else if (isa == "avx512") new_isa = Isa::Avx512;
-  else throw std::invalid_argument("isa must be 'auto', 'portable', 'avx2' or 'avx512', got '" + isa + "'");
-  if ((new_isa == Isa::Avx2 && !avx2_supported()) || (new_isa == Isa::Avx512 && !avx512_supported())) {
-    throw std::invalid_argument("isa '" + isa + "' is not available on this CPU or build");
-  }
-  Strategy new_strategy;
-  if (strategy == "auto") new_strategy = Strategy::Auto;
-  else if (strategy == "gather") new_strategy = Strategy::Gather;
-  else if (strategy == "transposed") new_strategy = Strategy::Transposed;
-  else throw std::invalid_argument("strategy must be 'auto', 'gather' or 'transposed', got '" + strategy + "'");
-  isa_override = new_isa;
-  strategy_override = new_strategy;
+// The window layout of (values, idx) for this CPU, cached per version of both.
+at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& idx, int64_t in_features) {
+  check_pack_inputs(values, idx, in_features);
+  const int64_t window = window_width(active_isa());
+  if (auto cached = window_layouts().find({&values, &idx}, in_features * 1024 + window)) return *cached;
+  const at::Tensor idx_k = prepare_indices(idx, in_features);
+  const at::Tensor values_c = values.contiguous();
+  at::Tensor blob;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "pack_for_inference_cpu", [&] {
+    with_index_type(idx_k, [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      blob = build_window_layout(kernel_ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(), values.size(0),
+                                 values.size(1), in_features, window);
+    });
+  });
+  window_layouts().insert({&values, &idx}, in_features * 1024 + window, blob);
+  return blob;
 }
 
-std::string active_isa() {
-  switch (active()) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "portable";
-  }
-}
-
-bool avx2_compiled() {
+template <typename scalar_t>
+bool run_window(const k::WindowProblem<scalar_t>& p, Isa isa) {
+  const int64_t mean_block_steps = p.layout.total_steps / std::max<int64_t>(1, p.layout.blocks);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, p.layout.blocks, grain_for(mean_block_steps * k::kWindowLanes * p.batch),
+                   [&](int64_t begin, int64_t end) {
+    bool block_ok;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
-  return true;
-#else
-  return false;
+#if defined(CONDENSED_OPS_WITH_AVX512)
+      if (isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow) {
+        if (!k::avx512::window(p, begin, end)) ok = false;
+        return;
+      }
 #endif
+      if (isa != Isa::Portable) {
+        if (!k::avx2::window(p, begin, end)) ok = false;
+        return;
+      }
+#endif
+    }
+    block_ok = k::portable::window(p, begin, end);
+    if (!block_ok) ok = false;
+  });
+  return ok;
 }
 
-bool avx2_supported() { return avx2_compiled() && k::avx2::cpu_supports(); }
-bool avx512_supported() { return avx2_supported() && k::avx512::cpu_supports(); }
+at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                                       const std::optional<at::Tensor>& bias) {
+  check_condensed_linear_packed_inputs(x, packed, out_features, bias);
+  const at::Tensor blob = packed.contiguous();
+  k::ValueType value_type = k::ValueType::Float32;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condensed_linear_packed_cpu", [&] {
+    value_type = k::value_type_of<KernelType<scalar_t>>();
+  });
+  const char* damage = k::check_window_layout(blob.data_ptr<uint8_t>(), blob.numel(), value_type);
+  TORCH_CHECK_VALUE(damage == nullptr, "condensed_linear_packed: packed is not a window layout of ",
+                    x.scalar_type(), " values made by pack_for_inference: ", damage);
+  const k::WindowLayoutHeader header = k::read_window_header(blob.data_ptr<uint8_t>());
+  const int64_t in_features = x.size(-1);
+  TORCH_CHECK_VALUE(header.in_features == in_features && header.out_features == out_features,
+                    "condensed_linear_packed: packed holds a ", header.in_features, " -> ", header.out_features,
+                    " layer, but x has in_features = ", in_features, " and out_features = ", out_features);
+  at::Tensor y = at::empty(condensed_linear_output_shape(x, out_features), x.options());
+  if (y.numel() == 0) return y;
+  const int64_t batch = y.numel() / out_features;
+  const at::Tensor x_2d = x.reshape({batch, in_features});
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Isa isa = active_isa();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condensed_linear_packed_cpu", [&] {
+    using kernel_scalar_t = KernelType<scalar_t>;
+    using acc = k::acc_t<kernel_scalar_t>;
+    // x once into windows (each window's last slot zero), widened to acc.
+    const at::Tensor x_acc = x_2d.to(acc_dtype(x.scalar_type())).contiguous();
+    const int64_t row_stride = header.windows * header.window;
+    const at::Tensor x_windows = at::empty({batch, row_stride}, x_acc.options());
+    at::parallel_for(0, batch, grain_for(in_features), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        k::scatter_into_windows(x_acc.data_ptr<acc>() + row * in_features, in_features, header.window,
+                                header.windows, x_windows.data_ptr<acc>() + row * row_stride);
+      }
+    });
+    const k::WindowProblem<kernel_scalar_t> p{
+        x_windows.data_ptr<acc>(), row_stride, k::view_window_layout<kernel_scalar_t>(blob.data_ptr<uint8_t>()),
+        bias_c.defined() ? kernel_ptr<scalar_t>(bias_c) : nullptr, kernel_ptr<scalar_t>(y), batch};
+    ok = run_window(p, isa);
+  });
+  TORCH_CHECK_VALUE(ok, "condensed_linear_packed: packed is damaged (its step counts disagree with its block table)");
+  return y;
+}
 
-int64_t gather_max_batch() { return kGatherMaxBatch; }
+}  // namespace
 
 int64_t threads_used_by_parallel_for(int64_t items) {
   std::mutex mutex;
@@ -365,10 +517,22 @@ int64_t threads_used_by_parallel_for(int64_t items) {
   return int64_t(threads.size());
 }
 
+size_t cache_entries() {
+  return validated_indices().size() + column_layouts().size() + window_layouts().size();
+}
+
+void clear_caches() {
+  validated_indices().clear();
+  column_layouts().clear();
+  window_layouts().clear();
+}
+
 TORCH_LIBRARY_IMPL(condensed_ops, CPU, m) {
   m.impl("condensed_linear", &condensed_linear_cpu);
   m.impl("condensed_linear_grad_input", &condensed_linear_grad_input_cpu);
   m.impl("condensed_linear_grad_values", &condensed_linear_grad_values_cpu);
+  m.impl("pack_for_inference", &pack_for_inference_cpu);
+  m.impl("condensed_linear_packed", &condensed_linear_packed_cpu);
 }
 
 }  // namespace condensed_ops::cpu

@@ -40,7 +40,7 @@
 #include <string>
 #include <unordered_map>
 
-#include "../condensed_linear.h"
+#include "../op_checks.h"
 #include "../kernels/cuda/condensed_linear_cuda.h"
 
 namespace condensed_ops::cuda {

@@ -1,13 +1,14 @@
-// Torch-facing declarations shared by the op registration and every backend.
+// Torch-facing checks shared by the op registration and every backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace condensed_ops {
 
-// Raises a Python-mapped c10 error (TypeError / ValueError) naming the
+// Each raises a Python-mapped c10 error (TypeError / ValueError) naming the
 // argument for any malformed call. Index *values* are checked by each backend,
 // on the device that holds them.
 void check_condensed_linear_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
@@ -18,7 +19,14 @@ void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at
                                               const at::Tensor& idx, int64_t in_features);
 void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx);
 
+// The window layout's ops: building one, and running x through one. Whether
+// packed really holds a layout is the backend's check (it reads the bytes).
+void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features);
+void check_condensed_linear_packed_inputs(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                                          const std::optional<at::Tensor>& bias);
+
 // Output shape: x.shape[:-1] + [out_features].
+std::vector<int64_t> condensed_linear_output_shape(const at::Tensor& x, int64_t out_features);
 std::vector<int64_t> condensed_linear_output_shape(const at::Tensor& x, const at::Tensor& values);
 
 }  // namespace condensed_ops

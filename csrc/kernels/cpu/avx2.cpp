@@ -6,15 +6,21 @@
 
 #include <algorithm>
 
-#include "condensed_linear.h"
-#include "transposed_simd.h"
+#include "cpu_kernels.h"
+#include "grad_values_simd.h"
+#include "scalar_kernel.h"
+#include "simd_common.h"
+#include "tiled_simd.h"
 
 namespace condensed_ops::kernels::avx2 {
 namespace {
 
+using simd::Avx2Vec;
+using simd::horizontal_sum;
 using simd::load1;
 using simd::load8;
 using simd::store1;
+using simd::store8;
 
 template <typename scalar_t, typename index_t>
 using Problem = CondensedLinearProblem<scalar_t, index_t>;
@@ -24,13 +30,6 @@ inline __m256i load8_index(const int16_t* p) {
 }
 inline __m256i load8_index(const int32_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // ---- gather: few batch rows ------------------------------------------------
@@ -115,22 +114,58 @@ inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_
   return all_inside;
 }
 
-// ---- transposed: many batch rows -------------------------------------------
+// ---- window: rows in lanes, x by scalar loads --------------------------------
 
-struct Avx2Vec {
-  using reg = __m256;
-  static constexpr int kLanes = 8;
-  static reg zero() { return _mm256_setzero_ps(); }
-  static reg broadcast(float v) { return _mm256_set1_ps(v); }
-  static reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
-  static reg fmadd(reg a, reg b, reg acc) { return _mm256_fmadd_ps(a, b, acc); }
-  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static float sum(reg v) { return horizontal_sum(v); }
-};
-// kOutputs * (32 rows / 8 lanes) = 8 accumulators, plus the broadcast and the
-// loads, fit the 16 ymm registers.
-constexpr int kBlockOutputs = 2;
+// kRows batch rows against block b; the 16 lanes are two ymm halves. Every
+// step builds its x vectors from 16 scalar loads out of the window (no gathers).
+template <int kRows, typename scalar_t>
+bool window_rows(const WindowProblem<scalar_t>& p, int64_t b, int64_t row0) {
+  const auto& layout = p.layout;
+  const int64_t first = layout.block_steps[b];
+  const int64_t available = layout.block_steps[b + 1] - first;
+  const scalar_t* values = layout.values + first * kWindowLanes;
+  const uint8_t* slots = layout.slots + first * kWindowLanes;
+  const unsigned mask = unsigned(layout.window - 1);  // any slot stays inside its window
+  __m256 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t used = 0;
+  for (int64_t w = 0; w < layout.windows; ++w) {
+    const int64_t steps = layout.steps[b * layout.windows + w];
+    if (steps < 0 || steps > available - used) return false;
+    used += steps;
+    const float* x[kRows];
+    for (int r = 0; r < kRows; ++r) x[r] = p.x + (row0 + r) * p.x_row_stride + w * layout.window;
+    for (int64_t s = 0; s < steps; ++s, values += kWindowLanes, slots += kWindowLanes) {
+      const __m256 low = load8(values), high = load8(values + 8);
+      unsigned c[kWindowLanes];
+      for (int l = 0; l < kWindowLanes; ++l) c[l] = slots[l] & mask;
+      for (int r = 0; r < kRows; ++r) {
+        const float* xr = x[r];
+        const __m256 x_low = _mm256_setr_ps(xr[c[0]], xr[c[1]], xr[c[2]], xr[c[3]], xr[c[4]], xr[c[5]], xr[c[6]], xr[c[7]]);
+        const __m256 x_high =
+            _mm256_setr_ps(xr[c[8]], xr[c[9]], xr[c[10]], xr[c[11]], xr[c[12]], xr[c[13]], xr[c[14]], xr[c[15]]);
+        acc[r][0] = _mm256_fmadd_ps(low, x_low, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(high, x_high, acc[r][1]);
+      }
+    }
+  }
+  if (used != available) return false;
+  const int64_t o = b * kWindowLanes;
+  const int64_t lanes = std::min(kWindowLanes, layout.out_features - o);
+  for (int r = 0; r < kRows; ++r) {
+    scalar_t* y = p.y + (row0 + r) * layout.out_features + o;
+    if (lanes == kWindowLanes) {
+      store8(y, _mm256_add_ps(acc[r][0], p.bias ? load8(p.bias + o) : _mm256_setzero_ps()));
+      store8(y + 8, _mm256_add_ps(acc[r][1], p.bias ? load8(p.bias + o + 8) : _mm256_setzero_ps()));
+      continue;
+    }
+    alignas(32) float sums[kWindowLanes];
+    _mm256_store_ps(sums, acc[r][0]);
+    _mm256_store_ps(sums + 8, acc[r][1]);
+    for (int64_t l = 0; l < lanes; ++l) y[l] = store1<scalar_t>(sums[l] + (p.bias ? load1(p.bias[o + l]) : 0.f));
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -151,22 +186,50 @@ bool gather(const Problem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_
 }
 
 template <typename scalar_t, typename index_t>
-void transposed(const Problem<scalar_t, index_t>& p, int64_t batch_begin, int64_t out_begin,
-                int64_t out_end, float* scratch) {
-  simd::transposed<Avx2Vec, kBlockOutputs>(p, batch_begin, out_begin, out_end, scratch);
+bool scalar(const Problem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
+  return scalar_strategy::outputs(p, out_begin, out_end, [](scalar_t v) { return load1(v); });
+}
+
+// 16 ymm registers: 8 accumulators at every tile width.
+template <typename scalar_t, typename index_t>
+bool tiled(const Problem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin, int64_t out_end,
+           float* scratch) {
+  using simd::outputs_per_block;
+  switch (tile.tile_rows) {
+    case 8: return simd::tiled<Avx2Vec, 8, outputs_per_block(1, 8)>(p, tile, out_begin, out_end, scratch);
+    case 16: return simd::tiled<Avx2Vec, 16, outputs_per_block(2, 8)>(p, tile, out_begin, out_end, scratch);
+    default: return simd::tiled<Avx2Vec, 32, outputs_per_block(4, 8)>(p, tile, out_begin, out_end, scratch);
+  }
 }
 
 template <typename index_t>
-void grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
-  simd::grad_values<Avx2Vec>(p, out_begin, out_end);
+bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
+  return simd::grad_values<Avx2Vec>(p, out_begin, out_end);
 }
-template void grad_values<int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
-template void grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
+template bool grad_values<int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
+template bool grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
 
-#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                    \
-  template bool gather<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);        \
-  template void transposed<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t,     \
-                                              int64_t, float*);
+template <typename scalar_t>
+bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {
+  bool ok = true;
+  for (int64_t b = block_begin; b < block_end && ok; ++b) {
+    int64_t row = 0;
+    for (; row + 4 <= p.batch && ok; row += 4) ok = window_rows<4>(p, b, row);
+    switch (p.batch - row) {
+      case 3: ok = ok && window_rows<3>(p, b, row); break;
+      case 2: ok = ok && window_rows<2>(p, b, row); break;
+      case 1: ok = ok && window_rows<1>(p, b, row); break;
+      default: break;
+    }
+  }
+  return ok;
+}
+
+#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                              \
+  template bool gather<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);                  \
+  template bool scalar<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);                  \
+  template bool tiled<scalar_t, index_t>(const Problem<scalar_t, index_t>&, const BatchTile&, int64_t, int64_t, \
+                                         float*);
 
 CONDENSED_OPS_INSTANTIATE(float, int16_t)
 CONDENSED_OPS_INSTANTIATE(float, int32_t)
@@ -175,5 +238,9 @@ CONDENSED_OPS_INSTANTIATE(Half, int32_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
 CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
 #undef CONDENSED_OPS_INSTANTIATE
+
+template bool window<float>(const WindowProblem<float>&, int64_t, int64_t);
+template bool window<Half>(const WindowProblem<Half>&, int64_t, int64_t);
+template bool window<BFloat16>(const WindowProblem<BFloat16>&, int64_t, int64_t);
 
 }  // namespace condensed_ops::kernels::avx2

@@ -1,0 +1,114 @@
+#include "kernel_choice.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include "../kernel_options.h"
+#include "../kernels/cpu/cpu_kernels.h"
+
+namespace condensed_ops::cpu {
+namespace {
+
+namespace k = kernels;
+
+#if defined(CONDENSED_OPS_WITH_AVX2)
+// Times gather and scalar on one thread over a synthetic layer (1024 -> 1024,
+// fan-in 102: 90% sparse, 400 KiB of weights, L2-resident like the layers that
+// are not memory bound): best of 7 interleaved runs each.
+SmallBatchChoice calibrate() {
+  constexpr int64_t kIn = 1024, kOut = 1024, kFanIn = 102;
+  std::mt19937 random(12345);
+  std::vector<float> x(kIn), values(kOut * kFanIn), y(kOut);
+  std::vector<int16_t> idx(kOut * kFanIn);
+  std::uniform_real_distribution<float> unit(-1.f, 1.f);
+  for (float& v : x) v = unit(random);
+  for (float& v : values) v = unit(random);
+  std::vector<int16_t> columns(kIn);
+  for (int64_t c = 0; c < kIn; ++c) columns[c] = int16_t(c);
+  for (int64_t o = 0; o < kOut; ++o) {
+    std::shuffle(columns.begin(), columns.end(), random);
+    std::sort(columns.begin(), columns.begin() + kFanIn);
+    std::copy(columns.begin(), columns.begin() + kFanIn, idx.begin() + o * kFanIn);
+  }
+  const k::CondensedLinearProblem<float, int16_t> p{x.data(), kIn, values.data(), idx.data(), nullptr, y.data(),
+                                                     1, kIn, kOut, kFanIn};
+  auto seconds = [&](auto&& kernel) {
+    const auto start = std::chrono::steady_clock::now();
+    kernel(p, 0, kOut);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double gather = 1e9, scalar = 1e9;
+  for (int round = 0; round < 9; ++round) {
+    const double g = seconds(k::avx2::gather<float, int16_t>);
+    const double s = seconds(k::avx2::scalar<float, int16_t>);
+    if (round >= 2) {  // the first rounds warm caches and clocks
+      gather = std::min(gather, g);
+      scalar = std::min(scalar, s);
+    }
+  }
+  char reason[96];
+  std::snprintf(reason, sizeof reason, "calibrated: gather %.1f us, scalar %.1f us", gather * 1e6, scalar * 1e6);
+  return SmallBatchChoice{gather < scalar ? Strategy::Gather : Strategy::Scalar, reason};
+}
+#endif
+
+}  // namespace
+
+Isa active_isa() {
+  switch (kernel_option(KernelOption::CpuIsa)) {
+    case 1: return Isa::Portable;
+    case 2: return Isa::Avx2;
+    case 3: return Isa::Avx512;
+    default:
+      return k::avx512::cpu_supports() ? Isa::Avx512 : k::avx2::cpu_supports() ? Isa::Avx2 : Isa::Portable;
+  }
+}
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+std::string strategy_name(Strategy strategy) {
+  switch (strategy) {
+    case Strategy::Gather: return "gather";
+    case Strategy::Scalar: return "scalar";
+    default: return "tiled";
+  }
+}
+
+SmallBatchChoice small_batch_choice(Isa isa) {
+  if (isa == Isa::Portable) return SmallBatchChoice{Strategy::Scalar, "the portable flavour has no gather"};
+  switch (kernel_option(KernelOption::CpuSmallBatch)) {
+    case 1: return SmallBatchChoice{Strategy::Gather, "forced by kernel option cpu_small_batch"};
+    case 2: return SmallBatchChoice{Strategy::Scalar, "forced by kernel option cpu_small_batch"};
+    default: break;
+  }
+#if defined(CONDENSED_OPS_WITH_AVX2)
+  static const SmallBatchChoice calibrated = calibrate();
+  return calibrated;
+#else
+  return SmallBatchChoice{Strategy::Scalar, "built without AVX2"};
+#endif
+}
+
+Strategy row_strategy(int64_t batch, Isa isa) {
+  switch (kernel_option(KernelOption::CpuStrategy)) {
+    case 1: return isa == Isa::Portable ? Strategy::Scalar : Strategy::Gather;
+    case 2: return Strategy::Scalar;
+    case 3: return Strategy::Tiled;
+    default: break;
+  }
+  return batch <= kSmallBatchMax ? small_batch_choice(isa).strategy : Strategy::Tiled;
+}
+
+int64_t window_width(Isa isa) { return isa == Isa::Avx512 ? k::kPermuteWindow : k::kScalarWindow; }
+
+}  // namespace condensed_ops::cpu

@@ -1,0 +1,154 @@
+// Portable kernels: plain C++ that builds on any compiler and architecture.
+// They double as the reference structure for the SIMD flavours.
+#include <algorithm>
+
+#include "cpu_kernels.h"
+#include "scalar_kernel.h"
+#include "type_pairs.h"
+
+namespace condensed_ops::kernels {
+
+template <typename index_t>
+int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limit) {
+  if (count == 0) return -1;
+  // A min/max reduction in the index's own width vectorises well (8-16 lanes
+  // a cycle); the slow search for the culprit only runs when something is wrong.
+  index_t lowest = idx[0], highest = idx[0];
+  for (int64_t i = 0; i < count; ++i) {
+    const index_t c = idx[i];  // ternaries, not std::min: gcc 12 vectorises only these
+    lowest = c < lowest ? c : lowest;
+    highest = c > highest ? c : highest;
+  }
+  if (lowest >= 0 && int64_t(highest) < limit) return -1;
+  for (int64_t i = 0; i < count; ++i) {
+    if (idx[i] < 0 || int64_t(idx[i]) >= limit) return i;
+  }
+  return -1;
+}
+
+namespace portable {
+
+template <typename scalar_t, typename index_t>
+bool scalar(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
+  return scalar_strategy::outputs(p, out_begin, out_end, [](scalar_t v) { return acc_t<scalar_t>(to_float(v)); });
+}
+
+template <typename scalar_t, typename index_t>
+bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+           int64_t out_end, acc_t<scalar_t>* scratch) {
+  using acc = acc_t<scalar_t>;
+  const int64_t width = tile.tile_rows;
+  // xt[c * width + r] = x[batch_begin + r, c]; padding rows are zero so the
+  // inner loop always runs the full, vectorisable tile width.
+  acc* xt = scratch;
+  for (int64_t c = 0; c < p.in_features; ++c) {
+    for (int64_t r = 0; r < width; ++r) {
+      xt[c * width + r] = r < tile.rows ? p.x[(tile.batch_begin + r) * p.x_row_stride + c] : acc(0);
+    }
+  }
+  const uint64_t limit = uint64_t(p.in_features);
+  bool inside = true;
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const scalar_t* values = p.values + p.row_begin(o);
+    const index_t* idx = p.idx + p.row_begin(o);
+    const int64_t length = p.row_end(o) - p.row_begin(o);
+    acc sum[kMaxTileRows] = {};
+    for (int64_t j = 0; j < length; ++j) {
+      const int64_t c = idx[j];
+      if (uint64_t(c) >= limit) {
+        inside = false;
+        continue;
+      }
+      const acc w = to_float(values[j]);
+      const acc* column = xt + c * width;
+      for (int64_t r = 0; r < width; ++r) sum[r] += w * column[r];
+    }
+    const acc bias = p.bias ? acc(to_float(p.bias[o])) : acc(0);
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      p.y[(tile.batch_begin + r) * p.out_features + o] = from_acc<scalar_t>(sum[r] + bias);
+    }
+  }
+  return inside;
+}
+
+template <typename acc, typename index_t>
+bool grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, int64_t out_end) {
+  const uint64_t limit = uint64_t(p.in_features);
+  bool inside = true;
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const acc* grad_y = p.grad_y_t + o * p.stride;
+    for (int64_t j = 0; j < p.fan_in; ++j) {
+      const int64_t c = p.idx[o * p.fan_in + j];
+      if (uint64_t(c) >= limit) {
+        inside = false;
+        continue;
+      }
+      const acc* x = p.x_t + c * p.stride;
+      acc sum = 0;
+      for (int64_t b = 0; b < p.length; ++b) sum += grad_y[b] * x[b];
+      acc& out = p.grad[o * p.fan_in + j];
+      out = p.accumulate ? out + sum : sum;
+    }
+  }
+  return inside;
+}
+
+template <typename scalar_t>
+bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {
+  using acc = acc_t<scalar_t>;
+  const auto& layout = p.layout;
+  const int64_t mask = layout.window - 1;  // any slot stays inside its window
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t first = layout.block_steps[b];
+    const int64_t available = layout.block_steps[b + 1] - first;
+    const int64_t o = b * kWindowLanes;
+    const int64_t lanes = std::min(kWindowLanes, layout.out_features - o);
+    for (int64_t row = 0; row < p.batch; ++row) {
+      const scalar_t* values = layout.values + first * kWindowLanes;
+      const uint8_t* slots = layout.slots + first * kWindowLanes;
+      acc sum[kWindowLanes] = {};
+      int64_t used = 0;
+      for (int64_t w = 0; w < layout.windows; ++w) {
+        const int64_t steps = layout.steps[b * layout.windows + w];
+        if (steps < 0 || steps > available - used) return false;
+        used += steps;
+        const acc* x = p.x + row * p.x_row_stride + w * layout.window;
+        for (int64_t s = 0; s < steps; ++s, values += kWindowLanes, slots += kWindowLanes) {
+          for (int64_t l = 0; l < kWindowLanes; ++l) sum[l] += acc(to_float(values[l])) * x[slots[l] & mask];
+        }
+      }
+      if (used != available) return false;
+      for (int64_t l = 0; l < lanes; ++l) {
+        const acc bias = p.bias ? acc(to_float(p.bias[o + l])) : acc(0);
+        p.y[row * layout.out_features + o + l] = from_acc<scalar_t>(sum[l] + bias);
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace portable
+
+#define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                        \
+  template bool portable::scalar<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&,       \
+                                                    int64_t, int64_t);                                      \
+  template bool portable::tiled<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&,        \
+                                                   const BatchTile&, int64_t, int64_t, acc_t<scalar_t>*);
+CONDENSED_OPS_FOR_EACH_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
+#undef CONDENSED_OPS_INSTANTIATE
+
+#define CONDENSED_OPS_INSTANTIATE(scalar_t) \
+  template bool portable::window<scalar_t>(const WindowProblem<scalar_t>&, int64_t, int64_t);
+CONDENSED_OPS_FOR_EACH_VALUE_TYPE(CONDENSED_OPS_INSTANTIATE)
+#undef CONDENSED_OPS_INSTANTIATE
+
+template bool portable::grad_values<float, int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
+template bool portable::grad_values<float, int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
+template bool portable::grad_values<double, int16_t>(const GradValuesProblem<double, int16_t>&, int64_t, int64_t);
+template bool portable::grad_values<double, int32_t>(const GradValuesProblem<double, int32_t>&, int64_t, int64_t);
+
+template int64_t first_index_out_of_range<int16_t>(const int16_t*, int64_t, int64_t);
+template int64_t first_index_out_of_range<int32_t>(const int32_t*, int64_t, int64_t);
+template int64_t first_index_out_of_range<int64_t>(const int64_t*, int64_t, int64_t);
+
+}  // namespace condensed_ops::kernels

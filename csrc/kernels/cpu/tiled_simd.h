@@ -1,0 +1,132 @@
+// The tiled strategy, written once over a vector type (simd_common.h) and
+// compiled per instruction set (avx2.cpp, avx512.cpp). Include only from files
+// built with flags for that instruction set.
+#pragma once
+
+#include <algorithm>
+
+#include "simd_common.h"
+
+namespace condensed_ops::kernels::simd {
+
+// xt[c * kTileRows + r] = x[r, c]; rows past the batch end read as zero so
+// every FMA runs full width. Moves 8x8 blocks through registers: a column-wise
+// scalar copy would rewrite each xt cache line kTileRows times.
+template <int kTileRows>
+inline void transpose_tile(const float* x, int64_t x_row_stride, int64_t rows, int64_t in_features, float* xt) {
+  int64_t c = 0;
+  for (; c + 8 <= in_features; c += 8) {
+    for (int row0 = 0; row0 < kTileRows; row0 += 8) {
+      __m256 block[8];
+      for (int r = 0; r < 8; ++r) {
+        block[r] = row0 + r < rows ? _mm256_loadu_ps(x + (row0 + r) * x_row_stride + c) : _mm256_setzero_ps();
+      }
+      transpose8x8(block);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(xt + (c + i) * kTileRows + row0, block[i]);
+    }
+  }
+  for (; c < in_features; ++c) {
+    for (int r = 0; r < kTileRows; ++r) xt[c * kTileRows + r] = r < rows ? x[r * x_row_stride + c] : 0.f;
+  }
+}
+
+// Outputs are finished in groups of 8 so that results leave through 8x8
+// transposes as whole 8-output row segments of y, not as strided scalars
+// (scalar stores were half the run time at fan_in 77).
+constexpr int kGroupOutputs = 8;
+using GroupResult = float[kGroupOutputs][kMaxTileRows];
+
+// kOutputs rows of the weight against one tile: each weight is broadcast and
+// multiplied into the tile's contiguous column of x, kTileRows / kLanes
+// vectors at a time. The outputs' independent FMA chains hide FMA latency.
+// Writes result[r][i] = sum for output o + r and tile row i; returns false if
+// an index was outside [0, in_features) (skipped).
+template <class Vec, int kTileRows, int kOutputs, typename scalar_t, typename index_t>
+inline bool tiled_block(const CondensedLinearProblem<scalar_t, index_t>& p, const float* xt, int64_t o,
+                        float (*result)[kMaxTileRows]) {
+  static_assert(kTileRows % Vec::kLanes == 0, "a tile column is whole vectors");
+  constexpr int kVectors = kTileRows / Vec::kLanes;
+  const scalar_t* values[kOutputs];
+  const index_t* idx[kOutputs];
+  int64_t length[kOutputs];
+  typename Vec::reg acc[kOutputs][kVectors];
+  for (int r = 0; r < kOutputs; ++r) {
+    values[r] = p.values + p.row_begin(o + r);
+    idx[r] = p.idx + p.row_begin(o + r);
+    length[r] = p.row_end(o + r) - p.row_begin(o + r);
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::zero();
+  }
+  const uint64_t limit = uint64_t(p.in_features);
+  bool inside = true;
+  auto multiply_add = [&](int r, int64_t j) {
+    const int64_t c = idx[r][j];
+    if (uint64_t(c) >= limit) {  // also negative c; predicted never taken
+      inside = false;
+      return;
+    }
+    const auto w = Vec::broadcast(load1(values[r][j]));
+    const float* column = xt + c * kTileRows;
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::fmadd(w, Vec::load(column + v * Vec::kLanes), acc[r][v]);
+  };
+  // Interleave the rows over their common length (all of it at constant
+  // fan-in); variable-length rows then finish one by one.
+  const int64_t common = *std::min_element(length, length + kOutputs);
+  for (int64_t j = 0; j < common; ++j) {
+    for (int r = 0; r < kOutputs; ++r) multiply_add(r, j);
+  }
+  for (int r = 0; r < kOutputs; ++r) {
+    for (int64_t j = common; j < length[r]; ++j) multiply_add(r, j);
+  }
+  for (int r = 0; r < kOutputs; ++r) {
+    for (int v = 0; v < kVectors; ++v) Vec::store(result[r] + v * Vec::kLanes, acc[r][v]);
+  }
+  return inside;
+}
+
+// y[row, o..o+8) = result[.][row] + bias[o..o+8) for the tile's valid rows.
+template <typename scalar_t>
+inline void store_group(const GroupResult& result, const scalar_t* bias, scalar_t* y, int64_t out_features,
+                        int64_t rows) {
+  const __m256 bias8 = bias ? load8(bias) : _mm256_setzero_ps();
+  for (int row0 = 0; row0 < rows; row0 += 8) {
+    __m256 block[8];
+    for (int r = 0; r < 8; ++r) block[r] = _mm256_load_ps(&result[r][row0]);
+    transpose8x8(block);
+    for (int i = 0; i < 8 && row0 + i < rows; ++i) {
+      store8(y + (row0 + i) * out_features, _mm256_add_ps(block[i], bias8));
+    }
+  }
+}
+
+// One tile of kTileRows rows (tile.rows of them real) against outputs
+// [out_begin, out_end), kOutputs rows of the weight at a time.
+template <class Vec, int kTileRows, int kOutputs, typename scalar_t, typename index_t>
+bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+           int64_t out_end, float* xt) {
+  static_assert(kGroupOutputs % kOutputs == 0, "blocks must tile an output group");
+  transpose_tile<kTileRows>(p.x + tile.batch_begin * p.x_row_stride, p.x_row_stride, tile.rows, p.in_features, xt);
+  scalar_t* y = p.y + tile.batch_begin * p.out_features;
+  alignas(64) GroupResult result = {};  // (zeroed: gcc cannot see that the tail reads only written rows)
+  bool inside = true;
+  int64_t o = out_begin;
+  for (; o + kGroupOutputs <= out_end; o += kGroupOutputs) {
+    for (int g = 0; g < kGroupOutputs; g += kOutputs) {
+      inside &= tiled_block<Vec, kTileRows, kOutputs>(p, xt, o + g, result + g);
+    }
+    store_group(result, p.bias ? p.bias + o : nullptr, y + o, p.out_features, tile.rows);
+  }
+  for (; o < out_end; ++o) {  // fewer than a group left: one output at a time
+    inside &= tiled_block<Vec, kTileRows, 1>(p, xt, o, result);
+    const float bias = p.bias ? load1(p.bias[o]) : 0.f;
+    for (int64_t i = 0; i < tile.rows; ++i) y[i * p.out_features + o] = store1<scalar_t>(result[0][i] + bias);
+  }
+  return inside;
+}
+
+// Outputs per block: as many as `accumulators` registers hold at this tile
+// width, at most a group.
+constexpr int outputs_per_block(int vectors_per_column, int accumulators) {
+  return std::min(kGroupOutputs, accumulators / vectors_per_column);
+}
+
+}  // namespace condensed_ops::kernels::simd

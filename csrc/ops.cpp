@@ -1,0 +1,93 @@
+// The ops' schemas and their autograd (C++, so a TorchScript model loaded
+// without importing the package still trains).
+#include "op_checks.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <numeric>
+
+namespace condensed_ops {
+
+// Gradients for x, values and bias (idx is structure, not a parameter).
+class CondensedLinearFunction : public torch::autograd::Function<CondensedLinearFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& idx, const std::optional<at::Tensor>& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, values, idx});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return forward_op().call(x, values, idx, bias);
+  }
+
+  static const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&)>&
+  forward_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("condensed_ops::condensed_linear", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const std::optional<at::Tensor>&)>();
+    return op;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    static const auto grad_input_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("condensed_ops::condensed_linear_grad_input", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt)>();
+    static const auto grad_values_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("condensed_ops::condensed_linear_grad_values", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& values = saved[1];
+    const at::Tensor& idx = saved[2];
+    const at::Tensor& grad_y = grad_outputs[0];
+    at::Tensor grad_x, grad_values, grad_bias;
+    if (ctx->needs_input_grad(0)) grad_x = grad_input_op.call(grad_y, values, idx, x.sym_size(-1));
+    if (ctx->needs_input_grad(1)) grad_values = grad_values_op.call(grad_y, x, idx);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
+      std::vector<int64_t> leading(grad_y.dim() - 1);
+      std::iota(leading.begin(), leading.end(), 0);
+      grad_bias = leading.empty() ? grad_y.clone() : grad_y.sum(leading);
+    }
+    return {grad_x, grad_values, at::Tensor(), grad_bias};
+  }
+};
+
+at::Tensor condensed_linear_autograd(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                     const std::optional<at::Tensor>& bias) {
+  // Inference skips the autograd node (a few microseconds, most of a small layer's call).
+  const bool needs_graph = at::GradMode::is_enabled() && (x.requires_grad() || values.requires_grad() ||
+                                                           (bias.has_value() && bias->requires_grad()));
+  if (needs_graph) return CondensedLinearFunction::apply(x, values, idx, bias);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return CondensedLinearFunction::forward_op().call(x, values, idx, bias);
+}
+
+TORCH_LIBRARY(condensed_ops, m) {
+  m.def("condensed_linear(Tensor x, Tensor values, Tensor idx, Tensor? bias=None) -> Tensor");
+  // The backward ops, public so other autograd code (or a custom kernel) can reuse them.
+  m.def("condensed_linear_grad_input(Tensor grad_y, Tensor values, Tensor idx, SymInt in_features) -> Tensor");
+  m.def("condensed_linear_grad_values(Tensor grad_y, Tensor x, Tensor idx) -> Tensor");
+  // Inference on CPU: (values, idx) rearranged once into the window layout (a
+  // uint8 tensor, cached per version of both), then run from it.
+  m.def("pack_for_inference(Tensor values, Tensor idx, SymInt in_features) -> Tensor");
+  m.def("condensed_linear_packed(Tensor x, Tensor packed, SymInt out_features, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(condensed_ops, Autograd, m) {
+  m.impl("condensed_linear", &condensed_linear_autograd);
+  // No double backward: differentiating the backward ops raises "not implemented".
+  m.impl("condensed_linear_grad_input", torch::autograd::autogradNotImplementedFallback());
+  m.impl("condensed_linear_grad_values", torch::autograd::autogradNotImplementedFallback());
+  // Inference only: a gradient through the window layout raises "not implemented".
+  m.impl("pack_for_inference", torch::autograd::autogradNotImplementedFallback());
+  m.impl("condensed_linear_packed", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace condensed_ops
