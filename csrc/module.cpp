@@ -55,6 +55,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // Batches up to this many rows run faster from the window layout (modules switch there).
+  m.attr("WINDOW_MAX_BATCH") = condensed_ops::cpu::kWindowMaxBatch;
   m.def("cpu_capabilities", &cpu_capabilities,
         "What the CPU kernels were built with, what this CPU supports, which kernels run and why "
         "(the small-batch calibration runs on first call), and the kernel options in force.");

@@ -40,6 +40,6 @@ int64_t window_width(Isa isa);
 
 // Batches up to this run faster through the window layout than through the
 // row layout's tiled kernel (measured; modules switch layouts there).
-constexpr int64_t kWindowMaxBatch = 8;
+constexpr int64_t kWindowMaxBatch = 4;
 
 }  // namespace condensed_ops::cpu

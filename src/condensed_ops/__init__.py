@@ -13,7 +13,7 @@ from . import masks, srigl
 from .convert import CondenseReport, condense
 from .layout import to_condensed, to_dense
 from .modules import CondensedConv2d, CondensedLinear
-from .ops import condensed_linear
+from .ops import condensed_linear, condensed_linear_packed, pack_for_inference
 
 __version__: str = _C.__version__
 
@@ -23,7 +23,9 @@ __all__ = [
     "CondensedLinear",
     "condense",
     "condensed_linear",
+    "condensed_linear_packed",
     "masks",
+    "pack_for_inference",
     "srigl",
     "to_condensed",
     "to_dense",

@@ -15,9 +15,15 @@ entries in every active row. Both store the weight's rows ``[out, in]`` (a conv'
   entries (:func:`~condensed_ops.masks.pad_to_constant_fan_in`); ``padded_entries``
   says how many.
 
-Every forward goes through the one op, :func:`condensed_ops.condensed_linear`, so the
-modules train (its autograd is C++), script (also after save/load) and compile
-(``fullgraph=True``).
+Every forward goes through the ops of :mod:`condensed_ops.ops`, so the modules train
+(the autograd is C++), script (also after save/load) and compile (``fullgraph=True``).
+For inference on CPU with few rows (no gradient needed, at most
+``condensed_ops._C.WINDOW_MAX_BATCH`` rows), they run from the window layout
+(:func:`~condensed_ops.pack_for_inference`): built on first use, cached while
+``values`` and ``idx`` are unchanged and rebuilt after any in-place change (their
+version counters), so it is never stale. It costs about 1.05-1.4x the bytes of
+``values`` + ``idx`` for as long as the module lives; set ``inference_layout = False``
+to opt out.
 """
 
 import math
@@ -31,9 +37,11 @@ from torch import Tensor, nn
 from .layout import default_index_dtype, to_condensed
 from .layout import to_dense as _condensed_to_dense
 from .masks import pad_to_constant_fan_in
-from .ops import condensed_linear
+from .ops import condensed_linear, condensed_linear_packed, pack_for_inference
+from . import _C
 
 _IntPair = Union[int, Tuple[int, int]]
+_WINDOW_MAX_BATCH: int = int(_C.WINDOW_MAX_BATCH)
 
 
 # ---- how a weight's rows are stored --------------------------------------------------------
@@ -150,6 +158,8 @@ class CondensedLayer(nn.Module):
             rows (a module made by its constructor, or filled by ``load_state_dict``,
             reports 0: it is a fact of the conversion, not part of the state dict).
             They are trainable like every stored entry.
+        inference_layout: run CPU inference on up to ``window_max_batch`` rows from
+            the cached window layout (see the module docstring); True by default.
     """
 
     in_features: int
@@ -157,6 +167,8 @@ class CondensedLayer(nn.Module):
     fan_in: int
     active_neurons: int
     padded_entries: int
+    inference_layout: bool
+    window_max_batch: int
 
     def __init__(
         self,
@@ -181,6 +193,8 @@ class CondensedLayer(nn.Module):
         self.fan_in = fan_in
         self.active_neurons = active_neurons
         self.padded_entries = 0
+        self.inference_layout = True
+        self.window_max_batch = _WINDOW_MAX_BATCH
         self.values = nn.Parameter(torch.empty(active_neurons, fan_in, device=device, dtype=dtype))
         self.register_buffer("idx", torch.empty(active_neurons, fan_in, device=device, dtype=index_dtype))
         if bias:
@@ -253,15 +267,32 @@ class CondensedLayer(nn.Module):
         bias = self.bias
         active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
         if active_rows is None or ablated_rows is None or output_order is None:
-            return condensed_linear(x, self.values, self.idx, bias)
+            return self._active_rows_output(x, bias)
         # The kernel computes the active rows only; ablated neurons output their bias (or 0).
-        active_out = condensed_linear(x, self.values, self.idx, None if bias is None else bias.index_select(0, active_rows))
+        active_out = self._active_rows_output(x, None if bias is None else bias.index_select(0, active_rows))
         ablated_shape: List[int] = list(active_out.shape[:-1])
         ablated_shape.append(ablated_rows.numel())
         ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
         # One gather along the last dim puts the neurons back in order: about twice
         # as fast as index_copy into a [..., out_features] tensor at batch 256.
         return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
+
+    def _active_rows_output(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The stored rows' outputs ``[..., active_neurons]``."""
+        if self._uses_window_layout(x, bias):
+            packed = pack_for_inference(self.values, self.idx, self.in_features)
+            return condensed_linear_packed(x, packed, self.values.shape[0], bias)
+        return condensed_linear(x, self.values, self.idx, bias)
+
+    def _uses_window_layout(self, x: Tensor, bias: Optional[Tensor]) -> bool:
+        if not self.inference_layout or x.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (bias is not None and bias.requires_grad)):
+            return False
+        rows = 1
+        for size in x.shape[:-1]:
+            rows *= size
+        return rows <= self.window_max_batch
 
     def _dense_rows(self) -> Tensor:
         """The dense rows ``[out_features, in_features]`` (zeros for ablated neurons)."""
