@@ -7,8 +7,6 @@
 
 namespace condensed_ops {
 
-namespace {
-// Dtypes named as Python spells them, like the fake kernels' messages.
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return "torch.float32";
@@ -24,6 +22,8 @@ std::string dtype_name(at::ScalarType t) {
     default: return std::string("torch.") + c10::toString(t);
   }
 }
+
+namespace {
 
 bool is_supported_value_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;

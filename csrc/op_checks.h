@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace condensed_ops {
@@ -24,6 +25,9 @@ void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const a
 void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features);
 void check_condensed_linear_packed_inputs(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                                           const std::optional<at::Tensor>& bias);
+
+// A dtype as Python spells it ("torch.float32"), like the fake kernels' messages.
+std::string dtype_name(at::ScalarType t);
 
 // Output shape: x.shape[:-1] + [out_features].
 std::vector<int64_t> condensed_linear_output_shape(const at::Tensor& x, int64_t out_features);

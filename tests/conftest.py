@@ -86,6 +86,13 @@ def _restore_cpu_kernel_and_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 # ---- sample inputs ------------------------------------------------------------
 
 

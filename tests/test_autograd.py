@@ -208,3 +208,24 @@ def test_loaded_script_model_trains_without_the_package(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_grad_x_follows_in_place_changes_of_idx_and_values():
+    # W's column layout is cached per version of idx; each step must see the
+    # idx and values of that step (an SRigL update rewrites idx in place).
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 30, (12, 5), generator=g).to(torch.int16)
+    values = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    for step in range(4):
+        x = torch.randn(6, 30, generator=g, dtype=torch.float64)
+        grad_y = torch.randn(6, 12, generator=g, dtype=torch.float64)
+        check_gradients(Sample(f"step{step}", x, values, idx, None), torch.float64)
+        x_leaf = x.clone().requires_grad_()
+        condensed_ops.condensed_linear(x_leaf, values, idx).backward(grad_y)
+        expected, _, _ = reference_gradients(x, values, idx, None, grad_y)
+        torch.testing.assert_close(x_leaf.grad, expected)
+        with torch.no_grad():
+            if step % 2:
+                idx[step, :] = torch.randint(0, 30, (5,), generator=g).to(torch.int16)
+            else:
+                values.mul_(-1.5)

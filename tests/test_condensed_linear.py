@@ -426,13 +426,6 @@ def test_saved_script_runs_where_the_package_was_never_imported(tmp_path):
 # ---- torch.compile -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 _COMPILE_SAMPLES = list(sample_inputs((torch.float32, torch.bfloat16), (torch.int16,), specs=QUICK_SPECS, biases=(True,))) + list(
     sample_inputs((torch.float32,), (torch.int64,), specs=QUICK_SPECS[:1], biases=(False,))
 )

@@ -171,6 +171,56 @@ def test_index_error_with_non_contiguous_idx_names_the_logical_position(index_dt
         condensed_ops.condensed_linear(x, values, idx, bias)
 
 
+# idx is validated once per version; a write that bypasses the version counter
+# (through .data or numpy) is caught by the kernels' own checks.
+_BYPASS_WRITES = {
+    "data": lambda idx, row, column, value: idx.data.__setitem__((row, column), value),
+    "numpy": lambda idx, row, column, value: idx.numpy().__setitem__((row, column), value),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 20])
+@pytest.mark.parametrize("write", sorted(_BYPASS_WRITES))
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32], ids=str)
+def test_a_write_that_bypasses_the_version_counter_is_still_caught(index_dtype, write, batch, kernel_path):
+    x, values, idx, bias = good_args(batch, index_dtype=index_dtype)
+    condensed_ops.condensed_linear(x, values, idx, bias)  # validated and cached
+    version = idx._version
+    _BYPASS_WRITES[write](idx, 2, 1, IN_FEATURES + 3)
+    assert idx._version == version, "the write was meant to bypass the version counter"
+    with pytest.raises(IndexError, match=rf"idx\[2, 1\] = {IN_FEATURES + 3} is outside"):
+        condensed_ops.condensed_linear(x, values, idx, bias)
+    # The failure forgets the validation: the next call checks idx again.
+    with pytest.raises(IndexError, match=rf"idx\[2, 1\] = {IN_FEATURES + 3} is outside"):
+        condensed_ops.condensed_linear(x, values, idx, bias)
+
+
+def test_grad_values_catches_a_bypassing_write():
+    x, values, idx, _ = good_args(5)
+    grad_y = torch.randn(5, 4)
+    torch.ops.condensed_ops.condensed_linear_grad_values(grad_y, x, idx)
+    idx.data[3, 2] = -7
+    with pytest.raises(IndexError, match=r"idx\[3, 2\] = -7 is outside"):
+        torch.ops.condensed_ops.condensed_linear_grad_values(grad_y, x, idx)
+
+
+def test_an_in_place_change_is_validated_again():
+    x, values, idx, bias = good_args()
+    condensed_ops.condensed_linear(x, values, idx, bias)
+    idx[1, 1] = IN_FEATURES  # bumps the version counter
+    with pytest.raises(IndexError, match=rf"idx\[1, 1\] = {IN_FEATURES} is outside"):
+        condensed_ops.condensed_linear(x, values, idx, bias)
+
+
+def test_validation_against_a_wider_x_is_not_reused_for_a_narrower_one():
+    _, values, idx, bias = good_args()
+    idx = idx.clone()
+    idx[0, 0] = IN_FEATURES - 1
+    condensed_ops.condensed_linear(torch.randn(2, IN_FEATURES), values, idx, bias)
+    with pytest.raises(IndexError, match=r"idx\[0, 0\] = 9 is outside \[0, in_features=9\)"):
+        condensed_ops.condensed_linear(torch.randn(2, IN_FEATURES - 1), values, idx, bias)
+
+
 _ZERO_IN_FEATURES_SCRIPT = """
 import sys, torch, condensed_ops
 paths = {paths!r}

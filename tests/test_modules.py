@@ -24,13 +24,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 # ---- cases ----------------------------------------------------------------------------------
 
 

@@ -470,7 +470,7 @@ at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& pa
   });
   const char* damage = k::check_window_layout(blob.data_ptr<uint8_t>(), blob.numel(), value_type);
   TORCH_CHECK_VALUE(damage == nullptr, "condensed_linear_packed: packed is not a window layout of ",
-                    x.scalar_type(), " values made by pack_for_inference: ", damage);
+                    dtype_name(x.scalar_type()), " values made by pack_for_inference: ", damage);
   const k::WindowLayoutHeader header = k::read_window_header(blob.data_ptr<uint8_t>());
   const int64_t in_features = x.size(-1);
   TORCH_CHECK_VALUE(header.in_features == in_features && header.out_features == out_features,
