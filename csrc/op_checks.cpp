@@ -120,11 +120,26 @@ void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const a
   check_in_features(op, x.size(-1));
 }
 
-void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features) {
+void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features,
+                       const std::optional<at::Tensor>& active_rows, int64_t out_features) {
   constexpr const char* op = "pack_for_inference";
   check_weight_layout(op, values, idx);
   check_same_device(op, "idx", idx, values, "values");
   check_in_features(op, in_features);
+  if (active_rows.has_value()) {
+    const at::Tensor& rows = *active_rows;
+    TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, op, ": active_rows must be int64, got ",
+                     dtype_name(rows.scalar_type()));
+    TORCH_CHECK_VALUE(rows.dim() == 1 && rows.size(0) == values.size(0), op,
+                      ": active_rows must have shape [values.shape[0]] = [", values.size(0), "], got ", rows.sizes());
+    check_same_device(op, "active_rows", rows, values, "values");
+    TORCH_CHECK_VALUE(out_features >= values.size(0), op, ": out_features must be >= values.shape[0] = ",
+                      values.size(0), " with active_rows, got ", out_features);
+  } else {
+    TORCH_CHECK_VALUE(out_features == values.size(0), op,
+                      ": out_features must be values.shape[0] = ", values.size(0), " without active_rows, got ",
+                      out_features);
+  }
 }
 
 void check_condensed_linear_packed_inputs(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,

@@ -22,7 +22,8 @@ void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const a
 
 // The window layout's ops: building one, and running x through one. Whether
 // packed really holds a layout is the backend's check (it reads the bytes).
-void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features);
+void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features,
+                       const std::optional<at::Tensor>& active_rows, int64_t out_features);
 void check_condensed_linear_packed_inputs(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                                           const std::optional<at::Tensor>& bias);
 

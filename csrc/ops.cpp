@@ -75,8 +75,11 @@ TORCH_LIBRARY(condensed_ops, m) {
   m.def("condensed_linear_grad_input(Tensor grad_y, Tensor values, Tensor idx, SymInt in_features) -> Tensor");
   m.def("condensed_linear_grad_values(Tensor grad_y, Tensor x, Tensor idx) -> Tensor");
   // Inference on CPU: (values, idx) rearranged once into the window layout (a
-  // uint8 tensor, cached per version of both), then run from it.
-  m.def("pack_for_inference(Tensor values, Tensor idx, SymInt in_features) -> Tensor");
+  // uint8 tensor, cached per version of its sources), then run from it. With
+  // active_rows (output of each row), the layout has all out_features outputs,
+  // the others (ablated neurons) computing just their bias.
+  m.def("pack_for_inference(Tensor values, Tensor idx, SymInt in_features, Tensor? active_rows=None, "
+        "SymInt? out_features=None) -> Tensor");
   m.def("condensed_linear_packed(Tensor x, Tensor packed, SymInt out_features, Tensor? bias=None) -> Tensor");
 }
 

@@ -21,17 +21,16 @@
 
 namespace condensed_ops {
 
-template <typename Value, size_t kSources = 1>
+// Sources after the first may be undefined (an absent optional argument).
+template <typename Value, size_t kSources = 1, typename Key = int64_t>
 class TensorCache {
  public:
   using Sources = std::array<const at::Tensor*, kSources>;
 
   // The value stored for these sources under `key` (e.g. in_features), if
   // they are all unchanged since.
-  std::optional<Value> find(const Sources& sources, int64_t key) {
-    for (const at::Tensor* t : sources) {
-      if (t->is_inference()) return std::nullopt;
-    }
+  std::optional<Value> find(const Sources& sources, const Key& key) {
+    if (!cacheable(sources)) return std::nullopt;
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = entries_.find(sources[0]->unsafeGetTensorImpl());
     if (it == entries_.end() || it->second.key != key) return std::nullopt;
@@ -41,10 +40,8 @@ class TensorCache {
     return it->second.value;
   }
 
-  void insert(const Sources& sources, int64_t key, Value value) {
-    for (const at::Tensor* t : sources) {
-      if (t->is_inference()) return;
-    }
+  void insert(const Sources& sources, const Key& key, Value value) {
+    if (!cacheable(sources)) return;
     Entry entry{{}, key, std::move(value)};
     for (size_t i = 0; i < kSources; ++i) entry.sources[i] = Source::of(*sources[i]);
     std::lock_guard<std::mutex> lock(mutex_);
@@ -72,17 +69,28 @@ class TensorCache {
  private:
   static constexpr size_t kMaxEntries = 4096;
 
+  static bool cacheable(const Sources& sources) {
+    for (const at::Tensor* t : sources) {
+      if (t->defined() && t->is_inference()) return false;
+    }
+    return sources[0]->defined();
+  }
+
   struct Source {
+    bool defined = false;
     c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
     int64_t version = -1;
     const void* data = nullptr;
     std::vector<int64_t> sizes, strides;  // in-place metadata changes (as_strided_) keep the version
 
     static Source of(const at::Tensor& t) {
-      return Source{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()),
+      if (!t.defined()) return Source{};
+      return Source{true, c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()),
                     int64_t(t._version()), t.const_data_ptr(), t.sizes().vec(), t.strides().vec()};
     }
+    bool expired() const { return defined && impl.expired(); }
     bool matches(const at::Tensor& t) const {
+      if (!defined || !t.defined()) return defined == t.defined();
       return !impl.expired() && impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
              version == int64_t(t._version()) && data == t.const_data_ptr() && t.sizes() == sizes &&
              t.strides() == strides;
@@ -91,11 +99,11 @@ class TensorCache {
 
   struct Entry {
     std::array<Source, kSources> sources;
-    int64_t key;
+    Key key;
     Value value;
     bool expired() const {
       for (const Source& s : sources) {
-        if (s.impl.expired()) return true;
+        if (s.expired()) return true;
       }
       return false;
     }

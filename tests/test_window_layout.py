@@ -145,6 +145,22 @@ def test_the_layout_has_the_documented_size():
         assert (1.3 < ratio < 1.5) if isa == "avx512" else (1.0 < ratio < 1.12), (isa, ratio)
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_active_rows_place_the_outputs_and_ablated_ones_give_their_bias(with_bias, isa_pair):
+    sample = make_sample(SampleSpec("ablated", (3,), 70, 23, 9), bias=False)
+    out_features = 40
+    active_rows = torch.randperm(out_features, generator=torch.Generator().manual_seed(1))[:23]
+    bias = torch.randn(out_features) if with_bias else None
+    packer, runner = isa_pair
+    with cpu_kernel(packer):
+        layout = pack(sample.values, sample.idx, 70, active_rows, out_features)
+    with cpu_kernel(runner):
+        y = packed_linear(sample.x, layout, out_features, bias)
+    expected = torch.zeros(3, out_features, dtype=torch.float64) if bias is None else bias.double().expand(3, -1).clone()
+    expected[:, active_rows] += condensed_ops.condensed_linear(sample.x.double(), sample.values.double(), sample.idx)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- the cache: never stale ----------------------------------------------------------------
 
 
@@ -221,6 +237,13 @@ def test_bad_index_raises_naming_it():
         (lambda x, v, i, p: pack(v, i.float(), 40), TypeError, "pack_for_inference: idx must be int16"),
         (lambda x, v, i, p: pack(v[:, :2], i, 40), ValueError, "pack_for_inference: idx must have the same shape as values"),
         (lambda x, v, i, p: pack(v, i, -3), ValueError, r"pack_for_inference: in_features .* must be in \[0, 2\^31\)"),
+        (lambda x, v, i, p: pack(v, i, 40, None, 9), ValueError, r"out_features must be values.shape\[0\] = 7 without active_rows, got 9"),
+        (lambda x, v, i, p: pack(v, i, 40, torch.arange(7), 6), ValueError, r"out_features must be >= values.shape\[0\] = 7"),
+        (lambda x, v, i, p: pack(v, i, 40, torch.arange(7).int(), 9), TypeError, "active_rows must be int64"),
+        (lambda x, v, i, p: pack(v, i, 40, torch.arange(6), 9), ValueError, r"active_rows must have shape \[values.shape\[0\]\] = \[7\]"),
+        (lambda x, v, i, p: pack(v, i, 40, torch.tensor([0, 1, 2, 3, 4, 5, 5]), 9), ValueError, r"distinct outputs in \[0, out_features=9\), got active_rows\[6\] = 5 twice"),
+        (lambda x, v, i, p: pack(v, i, 40, torch.tensor([0, 1, 2, 3, 4, 5, 9]), 9), ValueError, r"got active_rows\[6\] = 9"),
+        (lambda x, v, i, p: pack(v, i, 40, torch.tensor([-1, 1, 2, 3, 4, 5, 6]), 9), ValueError, r"got active_rows\[0\] = -1"),
     ],
 )
 def test_malformed_calls_raise_and_name_the_argument(make_call, error, message):

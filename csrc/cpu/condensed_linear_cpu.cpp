@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -244,19 +245,23 @@ ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64
 
 // ---- the window layout, cached per (values, idx) version ------------------------------
 
-TensorCache<at::Tensor, 2>& window_layouts() {
-  static TensorCache<at::Tensor, 2> cache;
+// Keyed by (values, idx, active_rows) and (in_features, out_features, window).
+TensorCache<at::Tensor, 3, std::array<int64_t, 3>>& window_layouts() {
+  static TensorCache<at::Tensor, 3, std::array<int64_t, 3>> cache;
   return cache;
 }
 
+// source_row[o]: the row of (values, idx) that output o computes, -1 for an
+// ablated one; empty when output o is row o.
 template <typename scalar_t, typename index_t>
-at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, int64_t out_features, int64_t fan_in,
-                               int64_t in_features, int64_t window) {
+at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, const std::vector<int64_t>& source_row,
+                               int64_t out_features, int64_t fan_in, int64_t in_features, int64_t window) {
+  const int64_t* rows = source_row.empty() ? nullptr : source_row.data();
   const int64_t blocks = (out_features + k::kWindowLanes - 1) / k::kWindowLanes;
   const int64_t windows = k::windows_for(in_features, window);
   std::vector<int32_t> steps(blocks * windows);
   at::parallel_for(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
-    k::count_window_steps(idx, out_features, fan_in, window, windows, begin, end, steps.data());
+    k::count_window_steps(idx, rows, out_features, fan_in, window, windows, begin, end, steps.data());
   });
   std::vector<int64_t> block_steps(blocks + 1, 0);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -275,7 +280,7 @@ at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, int64
   std::memset(bytes + header.slots_at + header.total_steps * k::kWindowLanes, 0,
               header.bytes - header.slots_at - header.total_steps * k::kWindowLanes);
   at::parallel_for(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
-    k::fill_window_blocks(values, idx, fan_in, bytes, begin, end);
+    k::fill_window_blocks(values, idx, rows, fan_in, bytes, begin, end);
   });
   return blob;
 }
@@ -414,22 +419,47 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
   return grad;
 }
 
-// The window layout of (values, idx) for this CPU, cached per version of both.
-at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& idx, int64_t in_features) {
-  check_pack_inputs(values, idx, in_features);
+// Output o's source row (-1: ablated), from active_rows (the output of each
+// row of values); empty when there is none.
+std::vector<int64_t> source_rows(const std::optional<at::Tensor>& active_rows, int64_t rows, int64_t out_features) {
+  if (!active_rows.has_value()) return {};
+  const at::Tensor active = active_rows->contiguous();
+  std::vector<int64_t> source_row(out_features, -1);
+  const int64_t* outputs = active.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = outputs[r];
+    TORCH_CHECK_VALUE(o >= 0 && o < out_features && source_row[o] < 0, "pack_for_inference: active_rows must be ",
+                      "distinct outputs in [0, out_features=", out_features, "), got active_rows[", r, "] = ", o,
+                      o >= 0 && o < out_features ? " twice" : "");
+    source_row[o] = r;
+  }
+  return source_row;
+}
+
+// The window layout of (values, idx) for this CPU, cached per version of the
+// tensors it comes from.
+at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& idx, int64_t in_features,
+                                  const std::optional<at::Tensor>& active_rows, std::optional<int64_t> out_features) {
+  const int64_t outputs = out_features.value_or(values.size(0));
+  check_pack_inputs(values, idx, in_features, active_rows, outputs);
   const int64_t window = window_width(active_isa());
-  if (auto cached = window_layouts().find({&values, &idx}, in_features * 1024 + window)) return *cached;
+  const at::Tensor no_tensor;
+  const TensorCache<at::Tensor, 3, std::array<int64_t, 3>>::Sources sources{
+      &values, &idx, active_rows.has_value() ? &*active_rows : &no_tensor};
+  const std::array<int64_t, 3> key{in_features, outputs, window};
+  if (auto cached = window_layouts().find(sources, key)) return *cached;
   const at::Tensor idx_k = prepare_indices(idx, in_features);
+  const std::vector<int64_t> source_row = source_rows(active_rows, values.size(0), outputs);
   const at::Tensor values_c = values.contiguous();
   at::Tensor blob;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "pack_for_inference_cpu", [&] {
     with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      blob = build_window_layout(kernel_ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(), values.size(0),
+      blob = build_window_layout(kernel_ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(), source_row, outputs,
                                  values.size(1), in_features, window);
     });
   });
-  window_layouts().insert({&values, &idx}, in_features * 1024 + window, blob);
+  window_layouts().insert(sources, key, blob);
   return blob;
 }
 

@@ -266,10 +266,14 @@ class CondensedLayer(nn.Module):
             raise ValueError(f"expected input [..., {self.in_features}], got shape {list(x.shape)}")
         bias = self.bias
         active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
+        if self._uses_window_layout(x, bias):
+            # All outputs in order; ablated neurons are empty lanes that output their bias.
+            packed = pack_for_inference(self.values, self.idx, self.in_features, active_rows, self.out_features)
+            return condensed_linear_packed(x, packed, self.out_features, bias)
         if active_rows is None or ablated_rows is None or output_order is None:
-            return self._active_rows_output(x, bias)
+            return condensed_linear(x, self.values, self.idx, bias)
         # The kernel computes the active rows only; ablated neurons output their bias (or 0).
-        active_out = self._active_rows_output(x, None if bias is None else bias.index_select(0, active_rows))
+        active_out = condensed_linear(x, self.values, self.idx, None if bias is None else bias.index_select(0, active_rows))
         ablated_shape: List[int] = list(active_out.shape[:-1])
         ablated_shape.append(ablated_rows.numel())
         ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
@@ -277,22 +281,12 @@ class CondensedLayer(nn.Module):
         # as fast as index_copy into a [..., out_features] tensor at batch 256.
         return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
 
-    def _active_rows_output(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        """The stored rows' outputs ``[..., active_neurons]``."""
-        if self._uses_window_layout(x, bias):
-            packed = pack_for_inference(self.values, self.idx, self.in_features)
-            return condensed_linear_packed(x, packed, self.values.shape[0], bias)
-        return condensed_linear(x, self.values, self.idx, bias)
-
     def _uses_window_layout(self, x: Tensor, bias: Optional[Tensor]) -> bool:
-        if not self.inference_layout or x.device.type != "cpu":
+        if not self.inference_layout or not x.is_cpu:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (bias is not None and bias.requires_grad)):
             return False
-        rows = 1
-        for size in x.shape[:-1]:
-            rows *= size
-        return rows <= self.window_max_batch
+        return x.numel() <= self.window_max_batch * self.in_features
 
     def _dense_rows(self) -> Tensor:
         """The dense rows ``[out_features, in_features]`` (zeros for ablated neurons)."""

@@ -31,7 +31,9 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
     return torch.ops.condensed_ops.condensed_linear(x, values, idx, bias)
 
 
-def pack_for_inference(values: Tensor, idx: Tensor, in_features: int) -> Tensor:
+def pack_for_inference(
+    values: Tensor, idx: Tensor, in_features: int, active_rows: Optional[Tensor] = None, out_features: Optional[int] = None
+) -> Tensor:
     """``(values, idx)`` rearranged for fast small-batch inference on CPU (the *window layout*).
 
     Rows are interleaved 16 at a time, one per SIMD lane, and each row's entries
@@ -50,9 +52,14 @@ def pack_for_inference(values: Tensor, idx: Tensor, in_features: int) -> Tensor:
     fewer) takes 16 * (value bytes + 1); at 90% sparsity with random columns the
     layout is about 1.4x the bytes of ``values`` + ``idx`` with AVX-512 (64-column
     windows) and about 1.05x elsewhere (256-column windows), float32.
+    With ``active_rows`` (int64 ``[values.shape[0]]``: the output each row computes,
+    distinct, in ``[0, out_features)``), the layout computes all ``out_features``
+    outputs in order; the others (ablated neurons) output their bias, at no cost
+    but padding.
+
     Validates ``idx`` like :func:`condensed_linear` (IndexError naming the entry). CPU only.
     """
-    return torch.ops.condensed_ops.pack_for_inference(values, idx, in_features)
+    return torch.ops.condensed_ops.pack_for_inference(values, idx, in_features, active_rows, out_features)
 
 
 def condensed_linear_packed(x: Tensor, packed: Tensor, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
@@ -131,10 +138,20 @@ def _condensed_linear_grad_values_fake(grad_y: Tensor, x: Tensor, idx: Tensor) -
 
 
 @torch.library.register_fake("condensed_ops::pack_for_inference")
-def _pack_for_inference_fake(values: Tensor, idx: Tensor, in_features: int) -> Tensor:
+def _pack_for_inference_fake(
+    values: Tensor, idx: Tensor, in_features: int, active_rows: Optional[Tensor] = None, out_features: Optional[int] = None
+) -> Tensor:
     op = "pack_for_inference"
     _check_weight_layout(values, idx, op)
     _check_same_device("idx", idx, values, "values", op)
+    outputs = values.shape[0] if out_features is None else out_features
+    if active_rows is None:
+        torch._check_value(outputs == values.shape[0], lambda: f"{op}: out_features must be values.shape[0] = {values.shape[0]} without active_rows, got {outputs}")
+    else:
+        torch._check_type(active_rows.dtype == torch.int64, lambda: f"{op}: active_rows must be int64, got {active_rows.dtype}")
+        torch._check_value(active_rows.dim() == 1 and active_rows.shape[0] == values.shape[0], lambda: f"{op}: active_rows must have shape [values.shape[0]] = [{values.shape[0]}], got {list(active_rows.shape)}")
+        _check_same_device("active_rows", active_rows, values, "values", op)
+        torch._check_value(outputs >= values.shape[0], lambda: f"{op}: out_features must be >= values.shape[0] = {values.shape[0]} with active_rows, got {outputs}")
     # The layout's size depends on where idx's entries fall: data, not shape.
     size = torch.library.get_ctx().new_dynamic_size()
     return values.new_empty((size,), dtype=torch.uint8)

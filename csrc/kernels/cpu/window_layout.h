@@ -153,11 +153,17 @@ WindowLayoutView<scalar_t> view_window_layout(const uint8_t* blob) {
 
 // ---- building one -------------------------------------------------------------------
 
+// Output o's entries are row source_row[o] of (values, idx), or none when
+// source_row[o] < 0 (an ablated neuron: its output is its bias); nullptr
+// means row o. Lets a layer's ablated neurons cost nothing but padding lanes,
+// and its outputs come out in order.
+inline int64_t source_row_of(const int64_t* source_row, int64_t o) { return source_row ? source_row[o] : o; }
+
 // steps[b * windows + w] for blocks [block_begin, block_end): the most entries
 // any of the block's rows has in window w. Indices must be validated.
 template <typename index_t>
-void count_window_steps(const index_t* idx, int64_t out_features, int64_t fan_in, int64_t window, int64_t windows,
-                        int64_t block_begin, int64_t block_end, int32_t* steps) {
+void count_window_steps(const index_t* idx, const int64_t* source_row, int64_t out_features, int64_t fan_in,
+                        int64_t window, int64_t windows, int64_t block_begin, int64_t block_end, int32_t* steps) {
   const int64_t columns = window - 1;
   std::vector<int32_t> lane_counts(windows);
   for (int64_t b = block_begin; b < block_end; ++b) {
@@ -165,8 +171,10 @@ void count_window_steps(const index_t* idx, int64_t out_features, int64_t fan_in
     std::fill(block, block + windows, 0);
     const int64_t row_end = std::min(out_features, (b + 1) * kWindowLanes);
     for (int64_t o = b * kWindowLanes; o < row_end; ++o) {
+      const int64_t row = source_row_of(source_row, o);
+      if (row < 0) continue;
       std::fill(lane_counts.begin(), lane_counts.end(), 0);
-      for (int64_t j = 0; j < fan_in; ++j) ++lane_counts[int64_t(idx[o * fan_in + j]) / columns];
+      for (int64_t j = 0; j < fan_in; ++j) ++lane_counts[int64_t(idx[row * fan_in + j]) / columns];
       for (int64_t w = 0; w < windows; ++w) block[w] = std::max(block[w], lane_counts[w]);
     }
   }
@@ -175,8 +183,8 @@ void count_window_steps(const index_t* idx, int64_t out_features, int64_t fan_in
 // Fills blocks [block_begin, block_end) of a blob whose header, block_steps and
 // steps are written. Each row's entries keep their order within a window.
 template <typename scalar_t, typename index_t>
-void fill_window_blocks(const scalar_t* values, const index_t* idx, int64_t fan_in, uint8_t* blob,
-                        int64_t block_begin, int64_t block_end) {
+void fill_window_blocks(const scalar_t* values, const index_t* idx, const int64_t* source_row, int64_t fan_in,
+                        uint8_t* blob, int64_t block_begin, int64_t block_end) {
   const WindowLayoutHeader h = read_window_header(blob);
   const auto* block_steps = reinterpret_cast<const int64_t*>(blob + h.block_steps_at);
   const auto* steps = reinterpret_cast<const int32_t*>(blob + h.steps_at);
@@ -198,12 +206,14 @@ void fill_window_blocks(const scalar_t* values, const index_t* idx, int64_t fan_
     }
     const int64_t row_end = std::min(h.out_features, (b + 1) * kWindowLanes);
     for (int64_t o = b * kWindowLanes; o < row_end; ++o) {
+      const int64_t row = source_row_of(source_row, o);
+      if (row < 0) continue;
       const int64_t lane = o - b * kWindowLanes;
       std::copy(window_first_step.begin(), window_first_step.end(), next_step.begin());
       for (int64_t j = 0; j < fan_in; ++j) {
-        const int64_t c = idx[o * fan_in + j];
+        const int64_t c = idx[row * fan_in + j];
         const int64_t position = next_step[c / columns]++ * kWindowLanes + lane;
-        out_values[position] = values[o * fan_in + j];
+        out_values[position] = values[row * fan_in + j];
         out_slots[position] = uint8_t(c % columns);
       }
     }
