@@ -514,7 +514,7 @@ def make_mixed_model() -> Tuple[nn.Module, dict]:
 def test_condense_mixed_model_report_and_outputs():
     model, facts = make_mixed_model()
     original = copy.deepcopy(model)
-    report = condense(model, masks={"8": facts["last_mask"]})
+    report = condense(model, min_weights=0, masks={"8": facts["last_mask"]})
     assert report.model is model
 
     converted = {layer.name: layer for layer in report.converted}
@@ -550,7 +550,7 @@ def test_condense_mixed_model_report_and_outputs():
 
 def test_condense_without_mask_pads_a_kept_zero():
     model, facts = make_mixed_model()
-    report = condense(model)
+    report = condense(model, min_weights=0)
     last = next(layer for layer in report.converted if layer.name == "8")
     assert last.padded_entries == 1  # the kept weight that is exactly 0 is not a nonzero
 
@@ -558,7 +558,7 @@ def test_condense_without_mask_pads_a_kept_zero():
 def test_condense_not_inplace_leaves_the_model():
     model, _ = make_mixed_model()
     before = copy.deepcopy(model.state_dict())
-    report = condense(model, inplace=False)
+    report = condense(model, min_weights=0, inplace=False)
     assert report.model is not model
     assert isinstance(report.model[0], CondensedConv2d) and isinstance(model[0], nn.Conv2d)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -575,13 +575,27 @@ def test_condense_thresholds():
     uneven[0, :5] = True  # one row of 5, nine of 1: padding 36 of 50 stored
     _sparsify(model[1], uneven)
 
-    report = condense(copy.deepcopy(model))
+    report = condense(copy.deepcopy(model), min_weights=0)
     reasons = {layer.name: layer.reason for layer in report.skipped}
     assert "density 0.600 > max_density 0.5" in reasons["0"]
     assert "padding would be 72.0%" in reasons["1"]
 
-    report = condense(copy.deepcopy(model), max_density=0.7, max_padding=0.75)
+    report = condense(copy.deepcopy(model), max_density=0.7, max_padding=0.75, min_weights=0)
     assert [layer.name for layer in report.converted] == ["0", "1"]
+
+
+def test_condense_keeps_small_linears_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 400), nn.Linear(400, 200))  # 120k and 80k weights
+    for layer in model:
+        _sparsify(layer, constant_fan_in_mask(layer.out_features, layer.in_features, layer.in_features // 10))
+    report = condense(copy.deepcopy(model))
+    assert [layer.name for layer in report.converted] == ["0"]
+    assert "too small to gain at batch 1: 80000 weights < min_weights 100000" in report.skipped[0].reason
+    assert "too small" in str(report)
+    assert [layer.name for layer in condense(copy.deepcopy(model), min_weights=0).converted] == ["0", "1"]
+    with pytest.raises(ValueError, match="min_weights must be >= 0"):
+        condense(model, min_weights=-1)
 
 
 def test_condense_skips_what_a_swap_would_break():
@@ -600,7 +614,7 @@ def test_condense_skips_what_a_swap_would_break():
         _sparsify(layer, constant_fan_in_mask(6, 6, 2))
     original = copy.deepcopy(model)
 
-    report = condense(model)
+    report = condense(model, min_weights=0)
     assert [layer.name for layer in report.converted] == ["0"]
     assert model[0] is model[5][0] and isinstance(model[0], CondensedLinear), "a shared module is replaced at every name"
     reasons = {layer.name: layer.reason for layer in report.skipped}
@@ -622,7 +636,7 @@ def test_condense_rejects_unknown_mask_names():
 
 def test_condensed_model_scripts():
     model, _ = make_mixed_model()
-    condense(model)
+    condense(model, min_weights=0)
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)

@@ -133,6 +133,7 @@ def condense(
     max_density: float = 0.5,
     *,
     max_padding: float = 0.25,
+    min_weights: int = 100_000,
     masks: Optional[Mapping[str, Tensor]] = None,
     index_dtype: Optional[torch.dtype] = None,
     inplace: bool = True,
@@ -150,6 +151,12 @@ def condense(
       compute, where a dense GEMM does each multiply-add faster than a gather;
     - too uneven: padding the active rows to a constant fan-in would make more than
       ``max_padding`` of the stored entries zeros;
+    - too small to gain: a Linear with fewer than ``min_weights`` dense weights
+      (``out * in``). Below about 100k, a call's fixed cost (a few microseconds
+      of Python and dispatch) outweighs the arithmetic saved at batch 1 on CPU;
+      such layers still gain at larger batches, so pass ``min_weights=0`` when
+      batches are large. (A Conv2d runs one row per output pixel, so it is never
+      "small" this way.);
     - a Conv2d with groups != 1, a padding mode other than zeros, or ``"same"``
       padding that would be uneven;
     - the model itself, a subclass of Linear / Conv2d, a layer with hooks, or one
@@ -159,7 +166,7 @@ def condense(
 
     Args:
         model: the model; its layers are found by ``named_modules()``.
-        max_density, max_padding: the thresholds above.
+        max_density, max_padding, min_weights: the thresholds above.
         masks: ``{layer name: bool mask in the weight's shape}``.
         index_dtype: for every converted layer; None picks int16 when it reaches every column.
         inplace: False converts a deep copy and leaves ``model`` as it was.
@@ -171,6 +178,8 @@ def condense(
         raise ValueError(f"max_density must be in [0, 1], got {max_density!r}")
     if not 0.0 <= max_padding <= 1.0:
         raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
+    if min_weights < 0:
+        raise ValueError(f"min_weights must be >= 0, got {min_weights!r}")
     masks = dict(masks or {})
     if not inplace:
         model = copy.deepcopy(model)
@@ -196,7 +205,10 @@ def condense(
         plan: Optional[RowPlan] = None
         if reason is None:
             plan = plan_rows(module.weight, mask)
-            if plan.density > max_density:
+            weights = plan.out_features * plan.in_features
+            if kind == "Linear" and weights < min_weights:
+                reason = f"too small to gain at batch 1: {weights} weights < min_weights {min_weights}"
+            elif plan.density > max_density:
                 reason = f"too dense to gain: density {plan.density:.3f} > max_density {max_density}"
             elif plan.padding_fraction > max_padding:
                 reason = (

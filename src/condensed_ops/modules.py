@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .layout import default_index_dtype, to_condensed
 from .layout import to_dense as _condensed_to_dense
 from .masks import pad_to_constant_fan_in
-from .ops import condensed_linear, condensed_linear_packed, pack_for_inference
+from .ops import condensed_linear
 from . import _C
 
 _IntPair = Union[int, Tuple[int, int]]
@@ -262,18 +262,20 @@ class CondensedLayer(nn.Module):
 
     def _condensed_rows(self, x: Tensor) -> Tensor:
         """``[..., in_features]`` -> ``[..., out_features]``."""
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input [..., {self.in_features}], got shape {list(x.shape)}")
+        in_features = self.in_features
+        if x.dim() == 0 or x.shape[-1] != in_features:
+            raise ValueError(f"expected input [..., {in_features}], got shape {list(x.shape)}")
         bias = self.bias
-        active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
-        if self._uses_window_layout(x, bias):
+        values = self.values
+        if self._uses_window_layout(x, values, bias):
             # All outputs in order; ablated neurons are empty lanes that output their bias.
-            packed = pack_for_inference(self.values, self.idx, self.in_features, active_rows, self.out_features)
-            return condensed_linear_packed(x, packed, self.out_features, bias)
+            packed = torch.ops.condensed_ops.pack_for_inference(values, self.idx, in_features, self.active_rows, self.out_features)
+            return torch.ops.condensed_ops.condensed_linear_packed(x, packed, self.out_features, bias)
+        active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
         if active_rows is None or ablated_rows is None or output_order is None:
-            return condensed_linear(x, self.values, self.idx, bias)
+            return condensed_linear(x, values, self.idx, bias)
         # The kernel computes the active rows only; ablated neurons output their bias (or 0).
-        active_out = condensed_linear(x, self.values, self.idx, None if bias is None else bias.index_select(0, active_rows))
+        active_out = condensed_linear(x, values, self.idx, None if bias is None else bias.index_select(0, active_rows))
         ablated_shape: List[int] = list(active_out.shape[:-1])
         ablated_shape.append(ablated_rows.numel())
         ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
@@ -281,12 +283,11 @@ class CondensedLayer(nn.Module):
         # as fast as index_copy into a [..., out_features] tensor at batch 256.
         return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
 
-    def _uses_window_layout(self, x: Tensor, bias: Optional[Tensor]) -> bool:
-        if not self.inference_layout or not x.is_cpu:
+    def _uses_window_layout(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
+        """CPU inference on at most window_max_batch rows (see the module docstring)."""
+        if not (self.inference_layout and x.is_cpu and x.numel() <= self.window_max_batch * self.in_features):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (bias is not None and bias.requires_grad)):
-            return False
-        return x.numel() <= self.window_max_batch * self.in_features
+        return not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 
     def _dense_rows(self) -> Tensor:
         """The dense rows ``[out_features, in_features]`` (zeros for ablated neurons)."""

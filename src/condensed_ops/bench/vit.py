@@ -159,7 +159,7 @@ def end_to_end(
         masks = sparsify_(dense, sparsity, include_attention)
         # Just above the masks' density: the dense patch embedding and head stay as they are.
         densest = max(float(mask.sum(dim=1).max()) / mask.shape[1] for mask in masks.values())
-        report = condense(dense, max_density=min(1.0, densest + 1e-6), masks=masks, inplace=False)
+        report = condense(dense, max_density=min(1.0, densest + 1e-6), min_weights=0, masks=masks, inplace=False)
         if sorted(layer.name for layer in report.converted) != sorted(masks):
             raise RuntimeError(f"condense converted {[layer.name for layer in report.converted]}, expected {sorted(masks)}\n{report}")
         target = torch.device(device)
