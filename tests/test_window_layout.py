@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import condensed_ops
 from conftest import (
@@ -348,23 +349,38 @@ def test_module_inference_matches_training_path(batch_shape, ablate):
     torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_module_uses_the_window_layout_only_when_it_should(monkeypatch):
-    module, _, _ = _module()
-    calls = []
-    real = condensed_ops.modules.condensed_linear_packed
-    monkeypatch.setattr(condensed_ops.modules, "condensed_linear_packed", lambda *a: calls.append(1) or real(*a))
+class _OpNames(TorchDispatchMode):
+    """Records the names of the ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _runs_window_layout(module, x) -> bool:
+    with _OpNames() as recorder:
+        module(x)
+    return "condensed_ops.condensed_linear_packed" in recorder.names
+
+
+def test_module_uses_the_window_layout_only_when_it_should():
+    module, _, _ = _module(ablate=True)
     limit = condensed_ops._C.WINDOW_MAX_BATCH
     with torch.no_grad():
-        module(torch.randn(limit, 90))
-        assert len(calls) == 1
-        module(torch.randn(limit + 1, 90))
-        assert len(calls) == 1
+        assert _runs_window_layout(module, torch.randn(limit, 90))
+        assert _runs_window_layout(module, torch.randn(90))
+        assert not _runs_window_layout(module, torch.randn(limit + 1, 90))
         module.inference_layout = False
-        module(torch.randn(1, 90))
-        assert len(calls) == 1
-    module.inference_layout = True
-    module(torch.randn(1, 90))  # grad enabled and values require grad: the row layout
-    assert len(calls) == 1
+        assert not _runs_window_layout(module, torch.randn(1, 90))
+        module.inference_layout = True
+    assert not _runs_window_layout(module, torch.randn(1, 90))  # values need a gradient: the row layout
+    module.requires_grad_(False)
+    assert _runs_window_layout(module, torch.randn(1, 90))
+    assert not _runs_window_layout(module, torch.randn(1, 90, requires_grad=True))
 
 
 def test_module_sees_an_optimizer_step():

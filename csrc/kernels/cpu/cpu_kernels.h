@@ -15,9 +15,10 @@
 //    of columns (permutes of registers with AVX-512, scalar loads otherwise).
 //
 // Index safety: every kernel compares each index it reads with in_features
-// before use, skips a bad one and reports it through its result (false), so no
-// kernel reads outside x whatever idx holds. The glue validates idx up front
-// (once per tensor version) and turns a kernel's false into an IndexError.
+// before use and stops at a bad one, returning false (its outputs are then
+// incomplete), so no kernel reads outside x whatever idx holds. The glue
+// validates idx up front (once per tensor version) and turns a kernel's false
+// into an IndexError.
 //
 // Callers split the work (outputs, batch tiles, row blocks) across threads;
 // every kernel handles one piece and touches nothing outside it.
@@ -104,8 +105,8 @@ void gather_column_values(const scalar_t* values, const int32_t* sources, int64_
 // copies x_t [in_features, stride] and grad_y_t [out_features, stride]: one dot
 // product of `length` contiguous elements per weight. Adds to grad when
 // `accumulate`, so callers can walk the batch in cache-sized chunks. length must
-// be a multiple of kGradValuesBatchMultiple (pad with zeros). A bad index leaves
-// its weight's gradient untouched and makes the result false.
+// be a multiple of kGradValuesBatchMultiple (pad with zeros). A bad index
+// stops it (false).
 constexpr int64_t kGradValuesBatchMultiple = 16;
 template <typename acc, typename index_t>
 struct GradValuesProblem {

@@ -12,15 +12,11 @@ template <class Vec, typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
   static_assert(kGradValuesBatchMultiple % (2 * Vec::kLanes) == 0 || kGradValuesBatchMultiple == Vec::kLanes);
   const uint64_t limit = uint64_t(p.in_features);
-  bool inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
     const float* grad_y = p.grad_y_t + o * p.stride;
     for (int64_t j = 0; j < p.fan_in; ++j) {
       const int64_t c = p.idx[o * p.fan_in + j];
-      if (uint64_t(c) >= limit) {
-        inside = false;
-        continue;
-      }
+      if (uint64_t(c) >= limit) return false;
       const float* x = p.x_t + c * p.stride;
       auto acc0 = Vec::zero(), acc1 = Vec::zero();
       int64_t b = 0;
@@ -34,7 +30,7 @@ bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, 
       out = p.accumulate ? out + sum : sum;
     }
   }
-  return inside;
+  return true;
 }
 
 }  // namespace condensed_ops::kernels::simd

@@ -47,7 +47,6 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
     }
   }
   const uint64_t limit = uint64_t(p.in_features);
-  bool inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
     const scalar_t* values = p.values + p.row_begin(o);
     const index_t* idx = p.idx + p.row_begin(o);
@@ -55,10 +54,7 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
     acc sum[kMaxTileRows] = {};
     for (int64_t j = 0; j < length; ++j) {
       const int64_t c = idx[j];
-      if (uint64_t(c) >= limit) {
-        inside = false;
-        continue;
-      }
+      if (uint64_t(c) >= limit) return false;
       const acc w = to_float(values[j]);
       const acc* column = xt + c * width;
       for (int64_t r = 0; r < width; ++r) sum[r] += w * column[r];
@@ -68,21 +64,17 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
       p.y[(tile.batch_begin + r) * p.out_features + o] = from_acc<scalar_t>(sum[r] + bias);
     }
   }
-  return inside;
+  return true;
 }
 
 template <typename acc, typename index_t>
 bool grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, int64_t out_end) {
   const uint64_t limit = uint64_t(p.in_features);
-  bool inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
     const acc* grad_y = p.grad_y_t + o * p.stride;
     for (int64_t j = 0; j < p.fan_in; ++j) {
       const int64_t c = p.idx[o * p.fan_in + j];
-      if (uint64_t(c) >= limit) {
-        inside = false;
-        continue;
-      }
+      if (uint64_t(c) >= limit) return false;
       const acc* x = p.x_t + c * p.stride;
       acc sum = 0;
       for (int64_t b = 0; b < p.length; ++b) sum += grad_y[b] * x[b];
@@ -90,7 +82,7 @@ bool grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, in
       out = p.accumulate ? out + sum : sum;
     }
   }
-  return inside;
+  return true;
 }
 
 template <typename scalar_t>

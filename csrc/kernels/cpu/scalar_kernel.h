@@ -11,7 +11,7 @@
 namespace condensed_ops::kernels::scalar_strategy {
 
 // kRows batch rows of output o; Widen turns a stored value into acc. Returns
-// false if an index was outside [0, in_features) (skipped).
+// false, at once, at an index outside [0, in_features) (the caller raises).
 template <int kRows, typename scalar_t, typename index_t, class Widen>
 inline bool output_rows(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t o, int64_t row0, Widen widen) {
   using acc = acc_t<scalar_t>;
@@ -28,44 +28,47 @@ inline bool output_rows(const CondensedLinearProblem<scalar_t, index_t>& p, int6
     for (int c = 0; c < kChains; ++c) sum[r][c] = acc(0);
   }
   const uint64_t limit = uint64_t(p.in_features);
-  bool inside = true;
-  auto add = [&](int64_t j, int chain) {
-    const int64_t column = idx[j];
-    if (uint64_t(column) >= limit) {  // also negative; predicted never taken
-      inside = false;
-      return;
-    }
-    const acc w = widen(values[j]);
-    for (int r = 0; r < kRows; ++r) sum[r][chain] += w * x[r][column];
-  };
   int64_t j = 0;
   for (; j + kChains <= length; j += kChains) {
-    for (int c = 0; c < kChains; ++c) add(j + c, c);
+    for (int c = 0; c < kChains; ++c) {
+      const int64_t column = idx[j + c];
+      if (uint64_t(column) >= limit) return false;  // also negative; never taken for valid idx
+      const acc w = widen(values[j + c]);
+      for (int r = 0; r < kRows; ++r) sum[r][c] += w * x[r][column];
+    }
   }
-  for (; j < length; ++j) add(j, 0);
+  for (; j < length; ++j) {
+    const int64_t column = idx[j];
+    if (uint64_t(column) >= limit) return false;
+    const acc w = widen(values[j]);
+    for (int r = 0; r < kRows; ++r) sum[r][0] += w * x[r][column];
+  }
   const acc bias = p.bias ? acc(widen(p.bias[o])) : acc(0);
   for (int r = 0; r < kRows; ++r) {
     acc total = sum[r][0];
     for (int c = 1; c < kChains; ++c) total += sum[r][c];
     p.y[(row0 + r) * p.out_features + o] = from_acc<scalar_t>(total + bias);
   }
-  return inside;
+  return true;
 }
 
 template <typename scalar_t, typename index_t, class Widen>
 bool outputs(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end, Widen widen) {
-  bool inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
     int64_t row = 0;
-    for (; row + 4 <= p.batch; row += 4) inside &= output_rows<4>(p, o, row, widen);
+    for (; row + 4 <= p.batch; row += 4) {
+      if (!output_rows<4>(p, o, row, widen)) return false;
+    }
+    bool ok = true;
     switch (p.batch - row) {
-      case 3: inside &= output_rows<3>(p, o, row, widen); break;
-      case 2: inside &= output_rows<2>(p, o, row, widen); break;
-      case 1: inside &= output_rows<1>(p, o, row, widen); break;
+      case 3: ok = output_rows<3>(p, o, row, widen); break;
+      case 2: ok = output_rows<2>(p, o, row, widen); break;
+      case 1: ok = output_rows<1>(p, o, row, widen); break;
       default: break;
     }
+    if (!ok) return false;
   }
-  return inside;
+  return true;
 }
 
 }  // namespace condensed_ops::kernels::scalar_strategy
