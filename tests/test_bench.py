@@ -44,7 +44,9 @@ def test_figures_of_a_method():
     assert by["gather"].bytes_moved == layer.nnz * (element + 8) + activations  # int64 indices
     assert by["dense"].bytes_moved == 48 * 64 * element + activations
     assert by["csr"].bytes_moved == layer.nnz * (element + 8) + 49 * 8 + activations
-    assert by["condensed"].flops == by["csr"].flops == 2 * batch * layer.nnz
+    packed = condensed_ops.pack_for_inference(layer.values, layer.idx, 64)
+    assert by["condensed_packed"].bytes_moved == packed.numel() + activations
+    assert by["condensed"].flops == by["csr"].flops == by["condensed_packed"].flops == 2 * batch * layer.nnz
     assert by["dense"].flops == 2 * batch * 48 * 64
 
     trained = {m.name: m for m in bench_methods.layer_methods(layer, batch, ["condensed", "dense"], training=True)}
@@ -53,11 +55,25 @@ def test_figures_of_a_method():
     assert trained["condensed"].bytes_moved == 2 * layer.nnz * (element + 2) + layer.nnz * element + 3 * activations
 
 
+def test_sixteen_bit_layers_add_dense_float32():
+    layer = bench_methods.random_layer(64, 48, 0.9, dtype=torch.bfloat16)
+    names = bench_methods.available_methods(torch.device("cpu"), torch.bfloat16)
+    assert "dense_fp32" in names and "dense_fp32" not in bench_methods.available_methods(torch.device("cpu"))
+    by = {m.name: m for m in bench_methods.layer_methods(layer, 3, names)}
+    y = by["dense_fp32"].call()
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _reference(layer, by["dense_fp32"].x), rtol=1e-5, atol=1e-5)
+    float_layer = bench_methods.random_layer(64, 48, 0.9)
+    assert bench_methods.layer_methods(float_layer, 3, ["dense_fp32"])[0].unavailable == "the dense method of a float32 layer"
+
+
 def test_training_methods_produce_gradients():
     layer = bench_methods.random_layer(40, 24, 0.8)
     for method in bench_methods.layer_methods(layer, 6, ["condensed", "dense", "gather"], training=True):
         assert method.unavailable is None, method.unavailable
         method.call()
+    packed = bench_methods.layer_methods(layer, 6, ["condensed_packed"], training=True)[0]
+    assert packed.call is None and packed.unavailable == "inference only"
     csr = bench_methods.layer_methods(layer, 6, ["csr"], training=True)[0]
     assert csr.call is None or csr.unavailable is None  # whichever torch supports, never an exception
 

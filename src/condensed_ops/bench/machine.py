@@ -27,14 +27,21 @@ _MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 def _cpu_model() -> str:
+    """The model name, with family and model numbers (a VM may say only "AMD EPYC")."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def _memory_bytes() -> Optional[int]:

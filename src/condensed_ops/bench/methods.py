@@ -17,21 +17,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import default_index_dtype, to_dense
-from ..ops import condensed_linear
+from ..ops import condensed_linear, condensed_linear_packed, pack_for_inference
 from .timing import first_line, with_tf32
 
 # name -> what the name means, in the order tables show them.
 METHOD_DESCRIPTIONS = {
     "condensed": "condensed_ops.condensed_linear (values + int16/int32 idx)",
+    "condensed_packed": (
+        "CPU: condensed_ops.condensed_linear_packed over the window layout (pack_for_inference, built once "
+        "outside the timing): what CondensedLinear runs for inference on up to WINDOW_MAX_BATCH rows"
+    ),
     "dense": "F.linear with the dense (zero-filled) weight, same dtype; on CUDA with TF32 off",
     "csr": "F.linear with a torch.sparse CSR weight (int64 indices)",
     "gather": "the SRigL paper's plain PyTorch: (x[..., idx] * values).sum(-1), int64 idx",
     "dense_tf32": "CUDA: F.linear with TF32 matmuls allowed (float32 layers)",
     "dense_bf16": "CUDA: F.linear in bfloat16 (weights and x converted once, outside the timing)",
+    "dense_fp32": "F.linear in float32 for a 16-bit layer (weights and x converted once, outside the timing)",
     "semi_structured": "CUDA: 2:4 semi-structured sparse weight (to_sparse_semi_structured), 50% sparse, bf16/fp16",
 }
-CPU_METHODS = ("condensed", "dense", "csr", "gather")
-CUDA_METHODS = CPU_METHODS + ("dense_tf32", "dense_bf16", "semi_structured")
+CPU_METHODS = ("condensed", "condensed_packed", "dense", "csr", "gather")
+CUDA_METHODS = ("condensed", "dense", "csr", "gather", "dense_tf32", "dense_bf16", "semi_structured")
+SIXTEEN_BIT_METHODS = ("dense_fp32",)  # added for float16 / bfloat16 layers
 
 # The gather baseline materialises x[..., idx] ([batch, out, fan_in]); past this
 # many bytes it is reported as skipped rather than thrashing the machine.
@@ -194,11 +200,22 @@ def layer_methods(layer: Layer, batch: int, names: Sequence[str], training: bool
     problem = _Problem(x, grad_y, (batch * layer.in_features + batch * layer.out_features) * x.element_size(), training)
     sparse_flops = 2 * batch * layer.nnz
     dense_flops = 2 * batch * layer.out_features * layer.in_features
-    dense = to_dense(layer.values, layer.idx, layer.in_features) if set(names) - {"condensed", "gather"} else None
+    dense = to_dense(layer.values, layer.idx, layer.in_features) if set(names) - {"condensed", "condensed_packed", "gather"} else None
 
     def build(name: str) -> Method:
         if name == "condensed":
             return _method(name, problem, lambda x, w: condensed_linear(x, w[0], w[1]), (layer.values, layer.idx), sparse_flops)
+        if name == "condensed_packed":
+            if device.type != "cpu":
+                return Method(name, None, 0, 0, "CPU only")
+            if training:
+                return Method(name, None, 0, 0, "inference only")
+            packed = pack_for_inference(layer.values, layer.idx, layer.in_features)
+            return _method(name, problem, lambda x, w: condensed_linear_packed(x, w[0], layer.out_features), (packed,), sparse_flops, trainable=())
+        if name == "dense_fp32":
+            if dtype == torch.float32:
+                return Method(name, None, 0, 0, "the dense method of a float32 layer")
+            return _method(name, problem, _linear, (dense.float(),), dense_flops, x=x.float(), allow_tf32=False if device.type == "cuda" else None)
         if name == "gather":
             intermediate = batch * layer.nnz * x.element_size()
             if intermediate > GATHER_INTERMEDIATE_LIMIT_BYTES:
@@ -233,8 +250,9 @@ def layer_methods(layer: Layer, batch: int, names: Sequence[str], training: bool
     return [build(name) for name in names]
 
 
-def available_methods(device: torch.device) -> Tuple[str, ...]:
-    return CUDA_METHODS if device.type == "cuda" else CPU_METHODS
+def available_methods(device: torch.device, dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
+    methods = CUDA_METHODS if device.type == "cuda" else CPU_METHODS
+    return methods + (SIXTEEN_BIT_METHODS if dtype in (torch.float16, torch.bfloat16) else ())
 
 
 __all__ = ["Layer", "Method", "METHOD_DESCRIPTIONS", "available_methods", "fan_in_for_sparsity", "layer_methods", "random_layer"]

@@ -1,10 +1,12 @@
-"""Markdown from benchmark JSON: the sweep's live table lines, and the README's
-Results section (tables + figures) rendered from one or more result files.
+"""Markdown from benchmark JSON: the sweep's live table lines, the README's short
+"when it pays" summary, and the full results (tables + figures), rendered from
+one or more result files.
 
-    python -m condensed_ops.bench.report results.json [more.json] --readme README.md --figures docs/figures
+    python -m condensed_ops.bench.report a.json [b.json ...] --readme README.md --results docs/results.md --figures docs/figures
 
-replaces what sits between the README's ``<!-- bench-results:begin -->`` and
-``<!-- bench-results:end -->`` markers (or prints the section without ``--readme``).
+replaces what sits between ``<!-- bench-summary:begin -->`` and ``<!-- bench-summary:end -->``
+in the README, and between ``<!-- bench-results:begin -->`` and ``<!-- bench-results:end -->``
+in the results document (or prints both without those options).
 """
 
 import argparse
@@ -17,6 +19,7 @@ from .timing import speedup
 
 Row = Dict[str, object]
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- bench-summary:begin -->", "<!-- bench-summary:end -->"
 _RATIO_METHODS = ("dense", "csr", "gather")
 
 
@@ -94,6 +97,35 @@ def _machine_line(result: Dict[str, object]) -> str:
     )
 
 
+def _forced_options(result: Dict[str, object]) -> Dict[str, str]:
+    """The kernel options a result was measured with that are not "auto"."""
+    options = result["machine"].get("cpu_kernels", {}).get("kernel_options", {})
+    return {name: value for name, value in options.items() if value != "auto"}
+
+
+def _split_forced(results: Sequence[Dict[str, object]]):
+    """(results with the automatic choice, results with a forced kernel path)."""
+    return [r for r in results if not _forced_options(r)], [r for r in results if _forced_options(r)]
+
+
+def _forced_paths_table(forced: Sequence[Dict[str, object]]) -> List[str]:
+    """One line per (forced path, cell): the row and window layouts' times and ratios to dense."""
+    lines = ["| kernel options | threads | in→out | sparsity | batch | condensed µs | condensed_packed µs | dense µs | condensed vs dense | packed vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in forced:
+        label = ", ".join(f"{k}={v}" for k, v in _forced_options(result).items())
+        for rows in _cells(result["rows"]).values():
+            by = _by_method(rows)
+            times = [_time_cell(by[m]) if m in by else "–" for m in ("condensed", "condensed_packed", "dense")]
+            ratios = []
+            for m in ("condensed", "condensed_packed"):
+                ok = m in by and "dense" in by and not by[m].get("unavailable") and not by["dense"].get("unavailable")
+                ratios.append(_ratio(speedup(by["dense"], by[m])) if ok else "–")
+            context = _context(rows[0])
+            lines.append("| " + " | ".join([label, context[2], *context[3:]] + times + ratios) + " |")
+    return lines
+
+
 def _roofline_table(results: Sequence[Dict[str, object]]) -> List[str]:
     lines = ["| device | dtype | threads | copy GB/s | dense matmul GFLOP/s |", "|---|---|---|---|---|"]
     seen = set()
@@ -146,7 +178,10 @@ def render_markdown(
     """
     out = [f"<!-- results from: {' '.join(sources)} -->"] if sources else []
     for result in results:
-        out.append(f"- {_machine_line(result)}: `{result['command']}`")
+        forced = _forced_options(result)
+        prefix = " ".join(f"CONDENSED_OPS_{k.upper()}={v}" for k, v in forced.items()) + (" " if forced else "")
+        out.append(f"- {_machine_line(result)}: `{prefix}{result['command']}`")
+    results, forced_results = _split_forced(results)
     out += ["", "Measured peaks (the roofline; a copy much larger than the caches, a large dense matmul):", ""]
     out += _roofline_table(results)
     out += ["", "Methods: " + "; ".join(f"**{k}**: {v}" for k, v in _merged_methods(results).items()) + "."]
@@ -172,6 +207,11 @@ def render_markdown(
         if more:
             out += ["<details>", "<summary>More figures: rooflines, forward + backward</summary>", ""]
             out += [f"![{names[p]}]({p})" for p in more] + ["", "</details>", ""]
+    if forced_results:
+        out += ["### Each kernel path forced", "",
+                "The same cells with one CPU kernel path forced (environment variables, as listed above): the "
+                "gather-free paths are what a CPU with slow gathers runs.", ""]
+        out += _forced_paths_table(forced_results) + [""]
     vits = [vit for result in results for vit in result.get("vit", [])]
     if vits:
         from .vit import format_markdown
@@ -193,39 +233,139 @@ def _merged_methods(results: Sequence[Dict[str, object]]) -> Dict[str, str]:
     return merged
 
 
-def update_readme(readme: str, section: str) -> None:
-    with open(readme) as f:
+# ---- the README's summary: when it pays ------------------------------------------------------
+
+
+def _inference_row(rows: Sequence[Row], window_max_batch: int) -> Optional[Row]:
+    """What CondensedLinear runs for this cell's batch: the window layout up to
+    window_max_batch rows (where measured), the row layout above."""
+    by = _by_method(rows)
+    use_window = rows[0]["batch"] <= window_max_batch and "condensed_packed" in by and not by["condensed_packed"].get("unavailable")
+    row = by.get("condensed_packed" if use_window else "condensed")
+    return None if row is None or row.get("unavailable") else row
+
+
+def _speedup_text(cells: Sequence[List[Row]], baseline: str, window_max_batch: int) -> str:
+    """'a / b' over the cells (one per thread count): inference path vs baseline."""
+    texts = []
+    for rows in cells:
+        ours, base = _inference_row(rows, window_max_batch), _by_method(rows).get(baseline)
+        good = ours is not None and base is not None and not base.get("unavailable")
+        texts.append(f"{speedup(base, ours):.1f}×" if good else "–")
+    return " / ".join(texts)
+
+
+def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] = (), details: str = "docs/results.md") -> str:
+    """The README's "when it pays" tables: speed-up of what ``CondensedLinear`` runs
+    (window layout up to ``WINDOW_MAX_BATCH`` rows, row layout above) over dense
+    ``F.linear`` on the first CPU shape, per sparsity x batch; 16-bit and training
+    lines when the results have them."""
+    out = [f"<!-- summary from: {' '.join(sources)} -->"] if sources else []
+    results, _ = _split_forced(results)
+    rows = [row for result in results for row in result["rows"] if row["device"] == "cpu"]
+    if not rows:
+        return "\n".join(out + ["No CPU results."]) + "\n"
+    kernels = results[0]["machine"]["cpu_kernels"]
+    window_max_batch = int(kernels.get("window_max_batch", 0))
+    threads = sorted({row["threads"] for row in rows})
+    per_thread = " / ".join(f"{t} thread{'s' if t != 1 else ''}" for t in threads)
+    out.append(f"Measured on {_machine_line(results[0])}; cells are {per_thread}. "
+               f"Small-batch kernel here: {kernels.get('small_batch_kernel')} ({kernels.get('small_batch_reason')}). "
+               f"Every number, and how to reproduce it: [{details}]({details}).")
+    cells = _cells(rows)
+
+    def grid(dtype: str, training: bool, shape: tuple) -> Dict[tuple, List[List[Row]]]:
+        found: Dict[tuple, List[List[Row]]] = {}
+        for (device, d, t, train, i, o, sparsity, batch), cell in cells.items():
+            if d == dtype and train == training and (i, o) == shape:
+                found.setdefault((sparsity, batch), []).append(cell)
+        for key in found:
+            found[key].sort(key=lambda cell: cell[0]["threads"])
+        return found
+
+    forward32 = [row for row in rows if row["dtype"] == "float32" and not row["training"]]
+    if forward32:
+        shape = (forward32[0]["in_features"], forward32[0]["out_features"])
+        g = grid("float32", False, shape)
+        sparsities = sorted({k[0] for k in g})
+        batches = sorted({k[1] for k in g})
+        out += ["", f"**Forward, float32, {shape[0]}→{shape[1]}: speed-up over dense `F.linear`**", ""]
+        out += ["| sparsity | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+        for sparsity in sparsities:
+            out.append(f"| {sparsity:.0%} | " + " | ".join(_speedup_text(g.get((sparsity, b), []), "dense", window_max_batch) for b in batches) + " |")
+    sixteen = sorted({row["dtype"] for row in rows if row["dtype"] in ("bfloat16", "float16") and not row["training"]})
+    if sixteen:
+        out += ["", f"**16-bit, forward, {per_thread.split(' / ')[0]}: speed-up over dense `F.linear` in the same dtype and in float32, and over the float32 condensed layer**", ""]
+        out += ["| dtype | in→out | sparsity | batch | vs dense same dtype | vs dense float32 | vs float32 condensed |", "|---|---|---|---|---|---|---|"]
+        for dtype in sixteen:
+            for key, cell in cells.items():
+                device, d, t, train, i, o, sparsity, batch = key
+                if d != dtype or train or t != threads[0]:
+                    continue
+                f32 = cells.get((device, "float32", t, train, i, o, sparsity, batch))
+                ours = _inference_row(cell, window_max_batch)
+                ours32 = _inference_row(f32, window_max_batch) if f32 else None
+                vs32 = f"{speedup(ours32, ours):.2f}×" if ours is not None and ours32 is not None else "–"
+                same, fp32 = _speedup_text([cell], "dense", window_max_batch), _speedup_text([cell], "dense_fp32", window_max_batch)
+                out.append(f"| {dtype} | {i}→{o} | {sparsity:.0%} | {batch} | {same} | {fp32} | {vs32} |")
+    training = [row for row in rows if row["training"] and row["dtype"] == "float32"]
+    if training:
+        out += ["", "**Forward + backward, float32: speed-up over `nn.Linear`**", ""]
+        shapes = list(dict.fromkeys((row["in_features"], row["out_features"]) for row in training))
+        keys = sorted({(row["sparsity"], row["batch"]) for row in training})
+        out += ["| sparsity | batch | " + " | ".join(f"{i}→{o}" for i, o in shapes) + " |", "|---|---|" + "---|" * len(shapes)]
+        for sparsity, batch in keys:
+            out.append(f"| {sparsity:.0%} | {batch} | " + " | ".join(_speedup_text(grid("float32", True, shape).get((sparsity, batch), []), "dense", 0) for shape in shapes) + " |")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces what sits between the markers ``begin`` and ``end`` in ``path``."""
+    with open(path) as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} markers to replace")
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{section}{END}", text, flags=re.S)
-    with open(readme, "w") as f:
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} markers to replace")
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{section}{end}", text, flags=re.S)
+    with open(path, "w") as f:
         f.write(text)
+
+
+def update_readme(readme: str, section: str) -> None:
+    update_section(readme, section)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m condensed_ops.bench.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSON files written by python -m condensed_ops.bench --json")
-    parser.add_argument("--readme", help="replace the marked section of this file (else print it)")
-    parser.add_argument("--figures", help="write the PNG figures here and embed them (paths relative to the README)")
+    parser.add_argument("--readme", help="replace the README's marked summary (else print it)")
+    parser.add_argument("--results-doc", help="replace the marked full results in this file (else print them)")
+    parser.add_argument("--figures", help="write the PNG figures here and embed them (paths relative to the results document)")
     args = parser.parse_args(argv)
     results = []
     for path in args.results:
         with open(path) as f:
             results.append(json.load(f))
-    base = os.path.dirname(os.path.abspath(args.readme)) if args.readme else os.getcwd()
+    doc_dir = os.path.dirname(os.path.abspath(args.results_doc)) if args.results_doc else os.getcwd()
+    readme_dir = os.path.dirname(os.path.abspath(args.readme)) if args.readme else os.getcwd()
     figures: List[str] = []
     if args.figures:
         from .plots import write_figures
 
         merged = dict(results[0], rows=[row for r in results for row in r["rows"]], rooflines=[x for r in results for x in r["rooflines"]])
-        figures = [os.path.relpath(p, base) for p in write_figures(merged, args.figures)]
-    section = render_markdown(results, figures, [os.path.relpath(path, base) for path in args.results])
-    if args.readme:
-        update_readme(args.readme, section)
-        print(f"updated {args.readme}")
+        figures = [os.path.relpath(p, doc_dir) for p in write_figures(merged, args.figures)]
+    section = render_markdown(results, figures, [os.path.relpath(path, doc_dir) for path in args.results])
+    details = os.path.relpath(os.path.abspath(args.results_doc), readme_dir) if args.results_doc else "docs/results.md"
+    summary = render_summary(results, [os.path.relpath(path, readme_dir) for path in args.results], details)
+    if args.results_doc:
+        update_section(args.results_doc, section)
+        print(f"updated {args.results_doc}")
     else:
         print(section)
+    if args.readme:
+        update_section(args.readme, summary, SUMMARY_BEGIN, SUMMARY_END)
+        print(f"updated {args.readme}")
+    else:
+        print(summary)
 
 
 if __name__ == "__main__":

@@ -108,11 +108,11 @@ def run_sweep(config: SweepConfig, progress: Optional[Progress] = None, on_cell:
     default_threads = torch.get_num_threads()
     try:
         for device in config.devices:
-            names = list(config.methods or available_methods(device))
             for threads in config.threads if device.type == "cpu" else [None]:
                 torch.set_num_threads(threads or default_threads)
                 for dtype, (in_features, out_features), sparsity in itertools.product(config.dtypes, config.shapes, config.sparsities):
                     layer = random_layer(in_features, out_features, sparsity, dtype, device)
+                    names = list(config.methods or available_methods(device, dtype))
                     for batch in config.batches:
                         cell = {
                             "device": device.type,
