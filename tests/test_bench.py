@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import condensed_ops
 from condensed_ops.bench import methods as bench_methods
 from condensed_ops.bench.__main__ import main
-from condensed_ops.bench.report import BEGIN, END, render_markdown, update_readme
+from condensed_ops.bench.report import BEGIN, END, SUMMARY_BEGIN, SUMMARY_END, render_markdown, render_summary, update_readme
 from condensed_ops.bench.timing import time_interleaved
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -156,17 +156,46 @@ def test_cli_refuses_impossible_requests(argv, message, capsys):
     assert message.lower() in capsys.readouterr().err.lower()
 
 
-def test_readme_results_are_rendered_from_the_committed_json():
-    readme = (ROOT / "README.md").read_text()
-    section = re.search(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), readme, re.S)
-    assert section, "README has no generated Results section"
-    figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section.group(1))
+def _generated(path, begin, end):
+    text = (ROOT / path).read_text()
+    section = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), text, re.S)
+    assert section, f"{path} has no generated section"
+    return section.group(1)
+
+
+def test_results_doc_is_rendered_from_the_committed_json():
+    section = _generated("docs/results.md", BEGIN, END)
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section)
     for figure in figures:
-        assert (ROOT / figure).read_bytes().startswith(PNG_MAGIC), figure
-    sources = re.match(r"<!-- results from: (.*) -->", section.group(1))
+        assert (ROOT / "docs" / figure).read_bytes().startswith(PNG_MAGIC), figure
+    sources = re.match(r"<!-- results from: (.*) -->", section)
     assert sources, "the section does not name its result files"
+    results = [json.loads((ROOT / "docs" / name).read_text()) for name in sources.group(1).split()]
+    assert render_markdown(results, figures, sources.group(1).split()) == section
+    assert "Each kernel path forced" in section
+
+
+def test_readme_summary_is_rendered_from_the_committed_json():
+    section = _generated("README.md", SUMMARY_BEGIN, SUMMARY_END)
+    sources = re.match(r"<!-- summary from: (.*) -->", section)
+    assert sources, "the summary does not name its result files"
     results = [json.loads((ROOT / name).read_text()) for name in sources.group(1).split()]
-    assert render_markdown(results, figures, sources.group(1).split()) == section.group(1)
+    assert render_summary(results, sources.group(1).split()) == section
+    assert "docs/results.md" in section
+
+
+def test_summary_uses_the_window_layout_where_modules_do():
+    def row(method, seconds, batch):
+        return dict(device="cpu", dtype="float32", threads=1, training=False, in_features=8, out_features=4,
+                    sparsity=0.9, batch=batch, method=method, seconds=seconds, kernel_seconds=seconds)
+
+    machine = dict(cpu="cpu", logical_cpus=1, torch="t", condensed_ops="v", date="2026-01-01",
+                   cpu_kernels=dict(active_isa="avx2", window_max_batch=4, small_batch_kernel="scalar",
+                                    small_batch_reason="r", kernel_options={}))
+    rows = [row("dense", 8.0, 1), row("condensed", 4.0, 1), row("condensed_packed", 2.0, 1),
+            row("dense", 8.0, 16), row("condensed", 4.0, 16), row("condensed_packed", 1.0, 16)]
+    summary = render_summary([dict(machine=machine, rows=rows, command="c")])
+    assert "| 90% | 4.0× | 2.0× |" in summary  # packed at batch 1, the row layout at batch 16
 
 
 def test_cli_vit_only(tmp_path, monkeypatch, capsys):

@@ -280,7 +280,7 @@ def test_forcing_a_kernel_is_reported_and_undone(path):
         assert caps["active_isa"] == path[0]
         assert caps["kernel_options"]["cpu_strategy"] == path[1]
     assert condensed_ops._C.cpu_capabilities()["active_isa"] == WIDEST_ISA
-    assert condensed_ops._C._kernel_options() == {"cpu_isa": "auto", "cpu_strategy": "auto", "cpu_small_batch": "auto"}
+    assert set(condensed_ops._C._kernel_options().values()) == {"auto"}
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,9 @@ def test_unknown_kernel_options_are_rejected(name, value):
         with pytest.raises(ValueError, match=re.escape(repr(name if name == "gpu" else value))):
             condensed_ops._C._set_kernel_option(name, value)
         # A rejected call changes nothing.
-        assert condensed_ops._C._kernel_options() == {"cpu_isa": "portable", "cpu_strategy": "scalar", "cpu_small_batch": "auto"}
+        options = condensed_ops._C._kernel_options()
+        assert (options.pop("cpu_isa"), options.pop("cpu_strategy")) == ("portable", "scalar")
+        assert set(options.values()) == {"auto"}
 
 
 @pytest.mark.parametrize("isa", UNSUPPORTED_ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="this CPU/build runs every SIMD flavour"))])

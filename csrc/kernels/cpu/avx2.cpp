@@ -11,6 +11,7 @@
 #include "scalar_kernel.h"
 #include "simd_common.h"
 #include "tiled_simd.h"
+#include "type_pairs.h"
 
 namespace condensed_ops::kernels::avx2 {
 namespace {
@@ -171,18 +172,13 @@ bool window_rows(const WindowProblem<scalar_t>& p, int64_t b, int64_t row0) {
 
 template <typename scalar_t, typename index_t>
 bool gather(const Problem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
-  bool all_inside = true;
   for (int64_t o = out_begin; o < out_end; ++o) {
-    int64_t row = 0;
-    for (; row + 4 <= p.batch; row += 4) all_inside &= gather_output<4>(p, o, row);
-    switch (p.batch - row) {
-      case 3: all_inside &= gather_output<3>(p, o, row); break;
-      case 2: all_inside &= gather_output<2>(p, o, row); break;
-      case 1: all_inside &= gather_output<1>(p, o, row); break;
-      default: break;
-    }
+    const bool inside = for_row_groups(p.batch, [&](auto rows, int64_t row0) {
+      return gather_output<decltype(rows)::value>(p, o, row0);
+    });
+    if (!inside) return false;
   }
-  return all_inside;
+  return true;
 }
 
 template <typename scalar_t, typename index_t>
@@ -211,18 +207,13 @@ template bool grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int
 
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {
-  bool ok = true;
-  for (int64_t b = block_begin; b < block_end && ok; ++b) {
-    int64_t row = 0;
-    for (; row + 4 <= p.batch && ok; row += 4) ok = window_rows<4>(p, b, row);
-    switch (p.batch - row) {
-      case 3: ok = ok && window_rows<3>(p, b, row); break;
-      case 2: ok = ok && window_rows<2>(p, b, row); break;
-      case 1: ok = ok && window_rows<1>(p, b, row); break;
-      default: break;
-    }
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const bool ok = for_row_groups(p.batch, [&](auto rows, int64_t row0) {
+      return window_rows<decltype(rows)::value>(p, b, row0);
+    });
+    if (!ok) return false;
   }
-  return ok;
+  return true;
 }
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                              \
@@ -230,17 +221,12 @@ bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block
   template bool scalar<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);                  \
   template bool tiled<scalar_t, index_t>(const Problem<scalar_t, index_t>&, const BatchTile&, int64_t, int64_t, \
                                          float*);
-
-CONDENSED_OPS_INSTANTIATE(float, int16_t)
-CONDENSED_OPS_INSTANTIATE(float, int32_t)
-CONDENSED_OPS_INSTANTIATE(Half, int16_t)
-CONDENSED_OPS_INSTANTIATE(Half, int32_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
+CONDENSED_OPS_FOR_EACH_SIMD_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
 #undef CONDENSED_OPS_INSTANTIATE
 
-template bool window<float>(const WindowProblem<float>&, int64_t, int64_t);
-template bool window<Half>(const WindowProblem<Half>&, int64_t, int64_t);
-template bool window<BFloat16>(const WindowProblem<BFloat16>&, int64_t, int64_t);
+#define CONDENSED_OPS_INSTANTIATE(scalar_t) \
+  template bool window<scalar_t>(const WindowProblem<scalar_t>&, int64_t, int64_t);
+CONDENSED_OPS_FOR_EACH_SIMD_VALUE_TYPE(CONDENSED_OPS_INSTANTIATE)
+#undef CONDENSED_OPS_INSTANTIATE
 
 }  // namespace condensed_ops::kernels::avx2

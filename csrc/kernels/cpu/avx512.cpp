@@ -9,6 +9,7 @@
 #include "grad_values_simd.h"
 #include "simd_common.h"
 #include "tiled_simd.h"
+#include "type_pairs.h"
 
 namespace condensed_ops::kernels::avx512 {
 namespace {
@@ -134,34 +135,24 @@ template bool grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {
   if (p.layout.window != kPermuteWindow) return false;
-  bool ok = true;
-  for (int64_t b = block_begin; b < block_end && ok; ++b) {
-    int64_t row = 0;
-    for (; row + 4 <= p.batch && ok; row += 4) ok = window_rows<4>(p, b, row);
-    switch (p.batch - row) {
-      case 3: ok = ok && window_rows<3>(p, b, row); break;
-      case 2: ok = ok && window_rows<2>(p, b, row); break;
-      case 1: ok = ok && window_rows<1>(p, b, row); break;
-      default: break;
-    }
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const bool ok = for_row_groups(p.batch, [&](auto rows, int64_t row0) {
+      return window_rows<decltype(rows)::value>(p, b, row0);
+    });
+    if (!ok) return false;
   }
-  return ok;
+  return true;
 }
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                       \
   template bool tiled<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, const BatchTile&, \
                                          int64_t, int64_t, float*);
-
-CONDENSED_OPS_INSTANTIATE(float, int16_t)
-CONDENSED_OPS_INSTANTIATE(float, int32_t)
-CONDENSED_OPS_INSTANTIATE(Half, int16_t)
-CONDENSED_OPS_INSTANTIATE(Half, int32_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int16_t)
-CONDENSED_OPS_INSTANTIATE(BFloat16, int32_t)
+CONDENSED_OPS_FOR_EACH_SIMD_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
 #undef CONDENSED_OPS_INSTANTIATE
 
-template bool window<float>(const WindowProblem<float>&, int64_t, int64_t);
-template bool window<Half>(const WindowProblem<Half>&, int64_t, int64_t);
-template bool window<BFloat16>(const WindowProblem<BFloat16>&, int64_t, int64_t);
+#define CONDENSED_OPS_INSTANTIATE(scalar_t) \
+  template bool window<scalar_t>(const WindowProblem<scalar_t>&, int64_t, int64_t);
+CONDENSED_OPS_FOR_EACH_SIMD_VALUE_TYPE(CONDENSED_OPS_INSTANTIATE)
+#undef CONDENSED_OPS_INSTANTIATE
 
 }  // namespace condensed_ops::kernels::avx512

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "numeric.h"
 #include "window_layout.h"
@@ -132,6 +133,25 @@ struct WindowProblem {
   scalar_t* y;               // [batch, out_features], contiguous
   int64_t batch;
 };
+
+// ---- batch rows in groups ------------------------------------------------------------
+
+// Calls rows(std::integral_constant<int, n>{}, first_row) over the batch in
+// groups of n = 4 rows (then 3, 2 or 1), so kernels can keep n rows' sums in
+// registers with n known at compile time. Stops at the first false.
+template <class Rows>
+inline bool for_row_groups(int64_t batch, Rows&& rows) {
+  int64_t row = 0;
+  for (; row + 4 <= batch; row += 4) {
+    if (!rows(std::integral_constant<int, 4>{}, row)) return false;
+  }
+  switch (batch - row) {
+    case 3: return rows(std::integral_constant<int, 3>{}, row);
+    case 2: return rows(std::integral_constant<int, 2>{}, row);
+    case 1: return rows(std::integral_constant<int, 1>{}, row);
+    default: return true;
+  }
+}
 
 // ---- flavours ---------------------------------------------------------------------
 

@@ -33,17 +33,16 @@ bool scalar(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begi
   return scalar_strategy::outputs(p, out_begin, out_end, [](scalar_t v) { return acc_t<scalar_t>(to_float(v)); });
 }
 
-template <typename scalar_t, typename index_t>
-bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
-           int64_t out_end, acc_t<scalar_t>* scratch) {
+// One tile at a compile-time width, so the compiler vectorises the row loop.
+template <int kWidth, typename scalar_t, typename index_t>
+bool tiled_width(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                 int64_t out_end, acc_t<scalar_t>* xt) {
   using acc = acc_t<scalar_t>;
-  const int64_t width = tile.tile_rows;
-  // xt[c * width + r] = x[batch_begin + r, c]; padding rows are zero so the
-  // inner loop always runs the full, vectorisable tile width.
-  acc* xt = scratch;
+  // xt[c * kWidth + r] = x[batch_begin + r, c]; padding rows are zero so the
+  // inner loop always runs the full tile width.
   for (int64_t c = 0; c < p.in_features; ++c) {
-    for (int64_t r = 0; r < width; ++r) {
-      xt[c * width + r] = r < tile.rows ? p.x[(tile.batch_begin + r) * p.x_row_stride + c] : acc(0);
+    for (int64_t r = 0; r < kWidth; ++r) {
+      xt[c * kWidth + r] = r < tile.rows ? p.x[(tile.batch_begin + r) * p.x_row_stride + c] : acc(0);
     }
   }
   const uint64_t limit = uint64_t(p.in_features);
@@ -51,13 +50,13 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
     const scalar_t* values = p.values + p.row_begin(o);
     const index_t* idx = p.idx + p.row_begin(o);
     const int64_t length = p.row_end(o) - p.row_begin(o);
-    acc sum[kMaxTileRows] = {};
+    acc sum[kWidth] = {};
     for (int64_t j = 0; j < length; ++j) {
       const int64_t c = idx[j];
       if (uint64_t(c) >= limit) return false;
       const acc w = to_float(values[j]);
-      const acc* column = xt + c * width;
-      for (int64_t r = 0; r < width; ++r) sum[r] += w * column[r];
+      const acc* column = xt + c * kWidth;
+      for (int r = 0; r < kWidth; ++r) sum[r] += w * column[r];
     }
     const acc bias = p.bias ? acc(to_float(p.bias[o])) : acc(0);
     for (int64_t r = 0; r < tile.rows; ++r) {
@@ -65,6 +64,16 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
     }
   }
   return true;
+}
+
+template <typename scalar_t, typename index_t>
+bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+           int64_t out_end, acc_t<scalar_t>* scratch) {
+  switch (tile.tile_rows) {
+    case 8: return tiled_width<8>(p, tile, out_begin, out_end, scratch);
+    case 16: return tiled_width<16>(p, tile, out_begin, out_end, scratch);
+    default: return tiled_width<32>(p, tile, out_begin, out_end, scratch);
+  }
 }
 
 template <typename acc, typename index_t>

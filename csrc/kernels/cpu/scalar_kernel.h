@@ -55,18 +55,10 @@ inline bool output_rows(const CondensedLinearProblem<scalar_t, index_t>& p, int6
 template <typename scalar_t, typename index_t, class Widen>
 bool outputs(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end, Widen widen) {
   for (int64_t o = out_begin; o < out_end; ++o) {
-    int64_t row = 0;
-    for (; row + 4 <= p.batch; row += 4) {
-      if (!output_rows<4>(p, o, row, widen)) return false;
-    }
-    bool ok = true;
-    switch (p.batch - row) {
-      case 3: ok = output_rows<3>(p, o, row, widen); break;
-      case 2: ok = output_rows<2>(p, o, row, widen); break;
-      case 1: ok = output_rows<1>(p, o, row, widen); break;
-      default: break;
-    }
-    if (!ok) return false;
+    const bool inside = for_row_groups(p.batch, [&](auto rows, int64_t row0) {
+      return output_rows<decltype(rows)::value>(p, o, row0, widen);
+    });
+    if (!inside) return false;
   }
   return true;
 }

@@ -17,3 +17,17 @@
   X(Half, int32_t)                          \
   X(BFloat16, int16_t)                      \
   X(BFloat16, int32_t)
+
+// The value types with SIMD flavours (float64 runs the portable kernels).
+#define CONDENSED_OPS_FOR_EACH_SIMD_TYPE_PAIR(X) \
+  X(float, int16_t)                              \
+  X(float, int32_t)                              \
+  X(Half, int16_t)                               \
+  X(Half, int32_t)                               \
+  X(BFloat16, int16_t)                           \
+  X(BFloat16, int32_t)
+
+#define CONDENSED_OPS_FOR_EACH_SIMD_VALUE_TYPE(X) \
+  X(float)                                        \
+  X(Half)                                         \
+  X(BFloat16)
