@@ -5,7 +5,7 @@
 #   3. the CUDA tests (tests/test_cuda.py)
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
 #      kernel: forward (shared and L1 x, tiles 1..16, CSR rows), grad_input
-#      (atomic scatter and the transposed layout: key, sort, offset kernels),
+#      (atomic scatter and the column layout: key, sort, offset kernels),
 #      grad_values (with batch splits and the partial-sum kernel), and the
 #      in-kernel guard against indices that skipped validation
 #   5. python -m condensed_ops.bench on CUDA (forward sweep at 90%, training,
@@ -57,8 +57,6 @@ step() {
 
 cat >"$WORK/small_cases.py" <<'EOF'
 """Small cases of every CUDA kernel, for compute-sanitizer."""
-import os
-
 import torch
 
 import condensed_ops
@@ -86,15 +84,15 @@ def expect_report():
 
 
 for x_path in ("shared", "global"):
-    os.environ["CONDENSED_OPS_CUDA_X"] = x_path
+    condensed_ops._C._set_kernel_option("cuda_x", x_path)
     for batch, n_in, n_out, k, dtype, index_dtype in CASES:
         def r(*shape):
             return torch.randn(*shape, generator=g).to(dtype).cuda()
         x, values, bias, gy = r(batch, n_in), r(n_out, k), r(n_out), r(batch, n_out)
         idx = torch.randint(0, n_in, (n_out, k), generator=g).to(index_dtype).cuda()
         condensed_ops.condensed_linear(x, values, idx, bias)
-        for path in ("scatter", "transposed"):
-            os.environ["CONDENSED_OPS_CUDA_GRAD_INPUT"] = path
+        for path in ("scatter", "columns"):
+            condensed_ops._C._set_kernel_option("cuda_grad_input", path)
             grad_input(gy, values, idx, n_in)
         grad_values(gy, x, idx)
         # Indices far outside x that skipped validation (.data bypasses the
@@ -104,8 +102,8 @@ for x_path in ("shared", "global"):
         idx.data[n_out - 1, k - 1] = info.min
         condensed_ops.condensed_linear(x, values, idx, bias)
         expect_report()
-        for path in ("scatter", "transposed"):
-            os.environ["CONDENSED_OPS_CUDA_GRAD_INPUT"] = path
+        for path in ("scatter", "columns"):
+            condensed_ops._C._set_kernel_option("cuda_grad_input", path)
             grad_input(gy, values, idx, n_in)
             expect_report()
         grad_values(gy, x, idx)

@@ -21,6 +21,8 @@ const std::array<Spec, size_t(KernelOption::kCount)>& specs() {
       {"cpu_isa", "CONDENSED_OPS_CPU_ISA", {"auto", "portable", "avx2", "avx512"}},
       {"cpu_strategy", "CONDENSED_OPS_CPU_STRATEGY", {"auto", "gather", "scalar", "tiled"}},
       {"cpu_small_batch", "CONDENSED_OPS_CPU_SMALL_BATCH", {"auto", "gather", "scalar"}},
+      {"cuda_x", "CONDENSED_OPS_CUDA_X", {"auto", "shared", "global"}},
+      {"cuda_grad_input", "CONDENSED_OPS_CUDA_GRAD_INPUT", {"auto", "scatter", "columns"}},
   }};
   return table;
 }

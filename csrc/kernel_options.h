@@ -16,6 +16,8 @@ enum class KernelOption : int {
   CpuIsa,         // auto | portable | avx2 | avx512: the widest the CPU runs
   CpuStrategy,    // auto | gather | scalar | tiled: the row layout's kernel at every batch size
   CpuSmallBatch,  // auto | gather | scalar: the small-batch kernel (auto: calibrated)
+  CudaX,          // auto | shared | global: where the CUDA kernels read x from
+  CudaGradInput,  // auto | scatter | columns: CUDA grad_x by atomics, or over W's column layout
   kCount,
 };
 

@@ -2,10 +2,9 @@
 shapes that reach every launch plan, outputs poisoned with NaN, gradients
 against the CPU kernels, determinism, bad indices, CUDA graphs and opcheck.
 
-Skipped without a CUDA device. Paths are forced through the environment
-variables the CUDA glue reads per call: CONDENSED_OPS_CUDA_X (auto | shared |
-global: where the kernels read x from) and CONDENSED_OPS_CUDA_GRAD_INPUT (auto
-| scatter | transposed).
+Skipped without a CUDA device. Paths are forced through the kernel options
+(kernel_options.h): cuda_x (auto | shared | global: where the kernels read x
+from) and cuda_grad_input (auto | scatter | columns).
 """
 
 import contextlib
@@ -24,6 +23,7 @@ from conftest import (
     SampleSpec,
     assert_matches_reference,
     index_dtype_fits,
+    kernel_options,
     make_sample,
 )
 
@@ -61,13 +61,13 @@ GRAD_TOLERANCES = {
 
 @pytest.fixture(params=["auto", "shared", "global"])
 def x_path(request, monkeypatch):
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_X", request.param)
+    condensed_ops._C._set_kernel_option("cuda_x", request.param)
     return request.param
 
 
-@pytest.fixture(params=["auto", "scatter", "transposed"])
+@pytest.fixture(params=["auto", "scatter", "columns"])
 def grad_input_path(request, monkeypatch):
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_GRAD_INPUT", request.param)
+    condensed_ops._C._set_kernel_option("cuda_grad_input", request.param)
     return request.param
 
 
@@ -227,15 +227,15 @@ def grad_tolerances(dtype, batch, out_features):
 
 @pytest.fixture(params=["shared", "global"])
 def backward_x_path(request, monkeypatch):
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_X", request.param)
+    condensed_ops._C._set_kernel_option("cuda_x", request.param)
     return request.param
 
 
-@pytest.mark.parametrize("grad_path", ["scatter", "transposed"])
+@pytest.mark.parametrize("grad_path", ["scatter", "columns"])
 @pytest.mark.parametrize("dtype", VALUE_DTYPES, ids=str)
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.id)
 def test_backward_ops_match_reference(spec, dtype, grad_path, backward_x_path, monkeypatch):
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_GRAD_INPUT", grad_path)
+    condensed_ops._C._set_kernel_option("cuda_grad_input", grad_path)
     x, values, idx, _ = cuda_sample(spec, dtype, rotating_index_dtype(spec, dtype)).args
     grad_y = torch.randn(*x.shape[:-1], values.shape[0], generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64).to(dtype).to(DEVICE)
@@ -292,18 +292,18 @@ def test_deterministic_mode_is_bitwise_reproducible(batch, deterministic):
 
 
 def test_forced_atomic_grad_input_refuses_deterministic_mode(deterministic, monkeypatch):
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_GRAD_INPUT", "scatter")
+    condensed_ops._C._set_kernel_option("cuda_grad_input", "scatter")
     x, values, idx, _ = cuda_sample(QUICK_SPECS[0], torch.float32, torch.int32).args
     grad_y = torch.randn(*x.shape[:-1], values.shape[0], device=DEVICE)
     with pytest.raises(RuntimeError, match="deterministic"):
         grad_input_op(grad_y, values, idx, x.shape[-1])
 
 
-def test_bad_environment_override_raises(monkeypatch):
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_X", "texture")
-    x, values, idx, bias = cuda_sample(QUICK_SPECS[0], torch.float32, torch.int32).args
-    with pytest.raises(ValueError, match="CONDENSED_OPS_CUDA_X"):
-        condensed_ops.condensed_linear(x, values, idx, bias)
+def test_bad_kernel_option_is_refused():
+    # The environment variables go through the same check (test_condensed_linear.py).
+    with pytest.raises(ValueError, match="cuda_x"):
+        condensed_ops._C._set_kernel_option("cuda_x", "texture")
+    assert condensed_ops._C._kernel_options()["cuda_x"] == "auto"
 
 
 # ---- bad indices ---------------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_kernels_skip_indices_they_were_not_told_about(index_dtype, batch, op, m
     # the kernels' own guard must skip the entries (reading nothing out of
     # bounds: the values are far outside x) and the next call must report it.
     if op == "grad_input":
-        monkeypatch.setenv("CONDENSED_OPS_CUDA_GRAD_INPUT", "transposed" if batch > 1 else "scatter")
+        condensed_ops._C._set_kernel_option("cuda_grad_input", "columns" if batch > 1 else "scatter")
     x, values, idx, bias, grad_y = bad_index_args(batch, index_dtype, seed=3)
     call_op(op, x, values, idx, bias, grad_y)
     version = idx._version
@@ -414,13 +414,13 @@ def capture(fn, warmup=True):
     return graph, out
 
 
-@pytest.mark.parametrize("grad_path", ["scatter", "transposed"])
+@pytest.mark.parametrize("grad_path", ["scatter", "columns"])
 @pytest.mark.parametrize("warmup", [True, False], ids=["warm", "cold"])
 @pytest.mark.parametrize("spec", [QUICK_SPECS[0], CUDA_SPECS[0]], ids=lambda s: s.id)
 def test_cuda_graph_capture_and_replay(spec, warmup, grad_path, monkeypatch):
     # Cold: the first call of a fresh idx happens inside the capture, where the
     # glue cannot validate it (no sync): the kernels' guard covers it.
-    monkeypatch.setenv("CONDENSED_OPS_CUDA_GRAD_INPUT", grad_path)
+    condensed_ops._C._set_kernel_option("cuda_grad_input", grad_path)
     x, values, idx, bias = cuda_sample(spec, torch.float32, torch.int64).args
     idx = idx.clone()
     static_x = x.clone()

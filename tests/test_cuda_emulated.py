@@ -70,7 +70,7 @@ def test_checker_catches_a_dropped_tail_entry(build_dir, tmp_path):
     executable = emulator.build(build_dir / "mutant", kernels=kernels)
     result = run_checker(executable, "quick")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "FAIL forward" in result.stdout and "FAIL grad_x transposed" in result.stdout
+    assert "FAIL forward" in result.stdout and "FAIL grad_x columns" in result.stdout
 
 
 def test_translation_rewrites_only_the_cuda_syntax():

@@ -6,7 +6,8 @@ changes): `kernel<<<grid, block, shared, stream>>>(args)` becomes
 `::emu::launch(kernel, grid, block, shared, stream)(args)`, and
 `extern __shared__ T name[];` becomes a pointer to the block's emulated
 dynamic shared memory. The cub include is dropped (the emulator provides the
-one cub call the kernels make).
+one cub call the kernels make). The .cuh headers are rewritten too, and the
+rewritten files include each other's rewritten copies.
 
     python tests/cuda_emulator/build.py [--sanitize address|thread] [--out DIR]
 
@@ -30,6 +31,7 @@ KERNELS = HERE.parents[1] / "csrc" / "kernels" / "cuda"
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
 _CUB_INCLUDE = re.compile(r"^#include <cub/.*>$", re.M)
+_CUH_INCLUDE = re.compile(r'^#include "(\w+)\.cuh"$', re.M)
 
 SANITIZERS = {
     None: [],
@@ -46,6 +48,7 @@ def translate(source: str) -> str:
         source,
     )
     source = _CUB_INCLUDE.sub("", source)
+    source = _CUH_INCLUDE.sub(r'#include "\1.emulated.h"', source)
     if "<<<" in source or "__shared__" in source:
         raise ValueError("CUDA syntax the emulator cannot rewrite is left in the source")
     return source
@@ -71,6 +74,8 @@ def build(out_dir: Path, sanitize: str | None = None, kernels: Path = KERNELS) -
         raise RuntimeError("no CUDA toolkit headers found (set CUDA_HOME)")
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = [HERE / "check_kernels.cpp"]
+    for header in sorted(kernels.glob("*.cuh")):
+        (out_dir / (header.stem + ".emulated.h")).write_text(f'#line 1 "{header}"\n' + translate(header.read_text()))
     for cu in sorted(kernels.glob("*.cu")):
         translated = out_dir / (cu.stem + ".emulated.cpp")
         translated.write_text(f'#line 1 "{cu}"\n' + translate(cu.read_text()))
@@ -78,7 +83,7 @@ def build(out_dir: Path, sanitize: str | None = None, kernels: Path = KERNELS) -
     flags = [
         "-std=c++20", "-O1", "-g", "-pthread", "-Wno-attributes",
         "-include", str(HERE / "cuda_emulator.h"),
-        f"-I{include}", f"-I{kernels}",
+        f"-I{include}", f"-I{out_dir}", f"-I{kernels}",
         *SANITIZERS[sanitize],
     ]  # fmt: skip
     objects = [out_dir / (source.stem + ".o") for source in sources]

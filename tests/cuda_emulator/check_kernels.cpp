@@ -1,7 +1,7 @@
 // Runs every CUDA kernel of csrc/kernels/cuda under the CPU emulator
 // (cuda_emulator.h) and compares each output element with a float64
 // reference: forward (constant fan-in rows), grad_values (with and without
-// batch splits; bitwise deterministic), grad_x through the transposed layout (too)
+// batch splits; bitwise deterministic), grad_x through the column layout (too)
 // and through the atomic scatter; and counts the bytes each kernel streams
 // from the weights (exactly once per batch slab, 16-byte loads). Every value type and index type, x read from
 // shared memory and through L1, awkward shapes, padded row strides, an
@@ -263,9 +263,9 @@ void check_case(const Case& c, std::mt19937_64& rng) {
       terms[size_t(b * I + col)] += 1;
     }
   }
-  {  // the deterministic path: transposed layout, then the forward kernels over it
+  {  // the deterministic path: column layout, then the forward kernels over it
     size_t sort_bytes = 0;
-    expect(k::transposed_layout_sort_bytes(entries, I, &sort_bytes) == cudaSuccess, "transposed: sort bytes",
+    expect(k::column_layout_sort_bytes(entries, I, &sort_bytes) == cudaSuccess, "column layout: sort bytes",
            c.describe());
     std::vector<uint32_t> keys0(static_cast<size_t>(entries)), keys1(static_cast<size_t>(entries));
     std::vector<int32_t> positions0(static_cast<size_t>(entries)), positions1(static_cast<size_t>(entries)), rows(static_cast<size_t>(entries));
@@ -273,7 +273,7 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     std::vector<int64_t> column_offsets(size_t(I + 1), -1);
     std::vector<scalar_t> column_values(static_cast<size_t>(entries));
     int flag = 0;
-    k::TransposedLayoutProblem<scalar_t, index_t> t{};
+    k::ColumnLayoutProblem<scalar_t, index_t> t{};
     t.values = values.data();
     t.idx = idx.data();
     t.out_features = O;
@@ -289,12 +289,12 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     t.rows = rows.data();
     t.column_values = column_values.data();
     t.bad_index_flag = &flag;
-    expect(k::build_transposed_layout(t, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
-           "transposed: build", c.describe());
+    expect(k::build_column_layout(t, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+           "column layout: build", c.describe());
     bool offsets_ok = column_offsets[0] == 0;
     for (int64_t i = 0; i < I; ++i) offsets_ok &= column_offsets[size_t(i)] <= column_offsets[size_t(i + 1)];
-    expect(offsets_ok, "transposed: column offsets not monotone from 0", c.describe());
-    expect(flag == int(any_bad), "transposed: bad-index flag", c.describe());
+    expect(offsets_ok, "column layout: column offsets not monotone from 0", c.describe());
+    expect(flag == int(any_bad), "column layout: bad-index flag", c.describe());
 
     std::vector<scalar_t> first;
     for (int run = 0; run < 2; ++run) {
@@ -307,15 +307,15 @@ void check_case(const Case& c, std::mt19937_64& rng) {
       emu::LoadCounter values_loads(column_values.data(), size_t(kept) * sizeof(scalar_t));
       emu::LoadCounter rows_loads(rows.data(), size_t(kept) * sizeof(int32_t));
       expect(k::launch_forward(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
-             "grad_x transposed: launch", c.describe());
-      expect_streamed_once<scalar_t, int32_t>("grad_x transposed", c, values_loads, rows_loads, kept, B,
+             "grad_x columns: launch", c.describe());
+      expect_streamed_once<scalar_t, int32_t>("grad_x columns", c, values_loads, rows_loads, kept, B,
                                               plan.batch_tile, false);
       if (run == 0) {
-        expect_close("grad_x transposed", c, grad_x, expected, magnitude, terms, B, I, I);
+        expect_close("grad_x columns", c, grad_x, expected, magnitude, terms, B, I, I);
         first = grad_x;
       } else {
         expect(std::memcmp(first.data(), grad_x.data(), first.size() * sizeof(scalar_t)) == 0,
-               "grad_x transposed: not bitwise reproducible", c.describe());
+               "grad_x columns: not bitwise reproducible", c.describe());
       }
     }
   }
@@ -375,7 +375,8 @@ void check_plans() {
                         int64_t(f.grid_y) <= f_slabs && f.grid_x >= 1 &&
                         int64_t(f.grid_x) * f.work_per_block >= out && int64_t(f.grid_x - 1) * f.work_per_block < out &&
                         f.shared_bytes <= size_t(d.max_shared_bytes_per_block) &&
-                        f.shared_bytes == (f.shared_x ? size_t(in * f.batch_tile) * sizeof(scalar_t) : 0) &&
+                        // the one slab rule (launch.cuh): the slab, rounded up to 16 bytes
+                        f.shared_bytes == (f.shared_x ? size_t((in * f.batch_tile * int64_t(sizeof(scalar_t)) + 15) / 16 * 16) : 0) &&
                         !(access == k::XAccess::Global && f.shared_x);
               expect(ok, "plan_forward", ok ? "" : where());
               if (int64_t(out) * fan_in >= (int64_t(1) << 31)) continue;  // the glue's limit for weights

@@ -1,5 +1,5 @@
 // Backward kernels: grad_values (gathered dot products over the batch), the
-// transposed (CSC) layout that turns grad_x into a forward pass, and the
+// column (CSC) layout that turns grad_x into a forward pass, and the
 // atomic scatter used for grad_x at small batch when determinism is not asked for.
 #include <algorithm>
 
@@ -7,25 +7,18 @@
 
 #include "condensed_linear_cuda.h"
 #include "device_helpers.cuh"
+#include "launch.cuh"
 
 namespace condensed_ops::kernels::cuda {
 namespace {
 
-
-// Tuning constants (shared ones in device_helpers.cuh): first-principles
-// values for H100. Shared memory per block holds the x slab plus one float sum
-// per weight entry of the block.
+// Tuning constants (shared ones in device_helpers.cuh and launch.cuh):
+// first-principles values for H100. Shared memory per block holds the x slab
+// plus one float sum per weight entry of the block.
 // Partial sums over batch splits cost splits * entries * 4 bytes of traffic;
 // beyond this many splits the extra parallelism no longer pays for it.
 constexpr int64_t kMaxSplits = 32;
-constexpr int64_t kWaves = 8;
 constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
-
-int pow2_at_least(int64_t v) {
-  int p = 1;
-  while (p < v && p < (1 << 30)) p <<= 1;
-  return p;
-}
 
 // ---- grad_values -----------------------------------------------------------
 
@@ -55,9 +48,7 @@ __device__ __forceinline__ acc_t<scalar_t> slab_dot(index_t index, uint32_t in_f
 // lanes_per_row lanes per row, packs of V entries per lane) adding one slab
 // dot product per entry. An entry always belongs to the same lane, so the
 // sums need no atomics and add the slabs in one fixed order.
-// No __launch_bounds__: with it ptxas trades a few registers for 8-32 bytes
-// of spills in half of the instantiations (sm_90, nvcc 13.0); without it none
-// spill and all stay under 100 registers, well inside 256-thread blocks.
+// (No __launch_bounds__: see launch.cuh.)
 template <typename scalar_t, typename index_t, int kTile, bool kSharedX>
 __global__ void grad_values_kernel(const GradValuesProblem<scalar_t, index_t> p, const int lanes_per_row,
                                    const int64_t entries_per_block, const size_t x_tile_bytes) {
@@ -140,39 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename index_t, int kTile, bool kSharedX>
-cudaError_t launch_grad_values_tile(const GradValuesProblem<scalar_t, index_t>& p, const LaunchPlan& plan,
-                                    cudaStream_t stream) {
-  const auto kernel = grad_values_kernel<scalar_t, index_t, kTile, kSharedX>;
-  if (plan.shared_bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  const size_t x_tile_bytes =
-      kSharedX ? size_t(round_up(p.in_features * kTile * int64_t(sizeof(scalar_t)), 16)) : size_t(0);
-  kernel<<<dim3(plan.grid_x, plan.grid_y), plan.threads, plan.shared_bytes, stream>>>(
-      p, plan.lanes_per_row, plan.work_per_block, x_tile_bytes);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || plan.grid_y == 1) return err;
-  const int64_t entries = p.out_features * p.fan_in;
-  const int64_t blocks = std::min<int64_t>((entries + kThreads - 1) / kThreads, 65535);
-  sum_partials_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(p.partial, plan.grid_y, entries, p.grad);
-  return cudaGetLastError();
-}
-
-template <typename scalar_t, typename index_t, int kTile>
-cudaError_t launch_grad_values_with_tile(const GradValuesProblem<scalar_t, index_t>& p, const LaunchPlan& plan,
-                                         cudaStream_t stream) {
-  if constexpr (kTile > kMaxBatchTile<scalar_t>) {
-    return cudaErrorInvalidValue;
-  } else {
-    return plan.shared_x ? launch_grad_values_tile<scalar_t, index_t, kTile, true>(p, plan, stream)
-                         : launch_grad_values_tile<scalar_t, index_t, kTile, false>(p, plan, stream);
-  }
-}
-
-// ---- transposed layout -----------------------------------------------------
+// ---- column layout ---------------------------------------------------------
 
 // Sort keys: the column, or in_features for an entry whose index is out of
 // range (sorted past every real column, then left out of the layout).
@@ -259,25 +218,17 @@ LaunchPlan plan_grad_values(int64_t batch, int64_t in_features, int64_t out_feat
   plan.threads = kThreads;
   const int64_t entries = out_features * fan_in;
   const int64_t sms = std::max(1, limits.multiprocessors);
-  const size_t budget =
-      std::min<size_t>(kSharedBudget, size_t(std::max(0, limits.max_shared_bytes_per_block - 1024)));
+  const size_t budget = shared_budget(limits);
   // A block's sums: at least one pack per thread, so that no lane idles on a short range.
   const size_t min_sums_bytes = size_t(kThreads) * V * sizeof(acc);
-
-  int tile = std::min(pow2_at_least(std::max<int64_t>(batch, 1)), kMaxBatchTile<scalar_t>);
-  const auto slab_bytes = [&](int t) { return size_t(round_up(in_features * t * int64_t(sizeof(scalar_t)), 16)); };
-  bool fits = slab_bytes(tile) + min_sums_bytes <= budget;
-  if (access != XAccess::Global) {
-    while (!fits && tile > 1) {
-      tile /= 2;
-      fits = slab_bytes(tile) + min_sums_bytes <= budget;
-    }
-  }
+  bool fits = false;
+  const int tile = plan_batch_tile<scalar_t>(batch, in_features, min_sums_bytes, budget, access, &fits);
+  const size_t slab = slab_bytes<scalar_t>(in_features, tile);
   bool shared_x = access == XAccess::Shared ? fits : access == XAccess::Auto && fits;
   const int64_t slabs = std::max<int64_t>(1, (batch + tile - 1) / tile);
 
   const auto layout = [&](bool staged, int64_t* entries_per_block, int64_t* blocks_per_sm) {
-    const size_t sums_budget = budget - (staged ? slab_bytes(tile) : 0);
+    const size_t sums_budget = budget - (staged ? slab : 0);
     const int64_t max_entries = std::max<int64_t>(V, round_down(int64_t(sums_budget / sizeof(acc)), V));
     const int64_t per_sm_by_threads = 2048 / kThreads;
     // Enough blocks over the entries for the GPU alone when the batch is a
@@ -288,7 +239,7 @@ LaunchPlan plan_grad_values(int64_t batch, int64_t in_features, int64_t out_feat
     const int64_t smallest = std::min<int64_t>({round_up(entries, V), int64_t(kThreads) * V, max_entries});
     per_block = std::clamp<int64_t>(per_block, smallest, max_entries);
     *entries_per_block = per_block;
-    const size_t shared = (staged ? slab_bytes(tile) : 0) + size_t(per_block) * sizeof(acc);
+    const size_t shared = (staged ? slab : 0) + size_t(per_block) * sizeof(acc);
     *blocks_per_sm = std::clamp<int64_t>(int64_t(limits.max_shared_bytes_per_multiprocessor / (shared + 1024)), 1,
                                          per_sm_by_threads);
   };
@@ -301,7 +252,7 @@ LaunchPlan plan_grad_values(int64_t batch, int64_t in_features, int64_t out_feat
   plan.shared_x = shared_x;
   plan.batch_tile = tile;
   plan.work_per_block = per_block;
-  plan.shared_bytes = (shared_x ? slab_bytes(tile) : 0) + size_t(per_block) * sizeof(acc);
+  plan.shared_bytes = (shared_x ? slab : 0) + size_t(per_block) * sizeof(acc);
   plan.grid_x = unsigned(std::max<int64_t>(1, (entries + per_block - 1) / per_block));
   // Lanes per row: enough to cover a row's packs, at most 8 (a 128-byte line of
   // packs per group): there is no cross-lane sum to amortise here.
@@ -324,17 +275,22 @@ cudaError_t launch_grad_values(const GradValuesProblem<scalar_t, index_t>& p, co
                                cudaStream_t stream) {
   if (p.out_features == 0 || p.fan_in == 0) return cudaSuccess;
   if (p.batch == 0) return cudaErrorInvalidValue;  // the caller zero-fills instead
-  switch (plan.batch_tile) {
-    case 1: return launch_grad_values_with_tile<scalar_t, index_t, 1>(p, plan, stream);
-    case 2: return launch_grad_values_with_tile<scalar_t, index_t, 2>(p, plan, stream);
-    case 4: return launch_grad_values_with_tile<scalar_t, index_t, 4>(p, plan, stream);
-    case 8: return launch_grad_values_with_tile<scalar_t, index_t, 8>(p, plan, stream);
-    case 16: return launch_grad_values_with_tile<scalar_t, index_t, 16>(p, plan, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const cudaError_t err = with_batch_tile<scalar_t>(plan.batch_tile, [&](auto tile) {
+    constexpr int kTile = decltype(tile)::value;
+    const auto kernel = plan.shared_x ? grad_values_kernel<scalar_t, index_t, kTile, true>
+                                      : grad_values_kernel<scalar_t, index_t, kTile, false>;
+    const size_t x_tile_bytes = plan.shared_x ? slab_bytes<scalar_t>(p.in_features, kTile) : 0;
+    return launch_kernel(kernel, dim3(plan.grid_x, plan.grid_y), unsigned(plan.threads), plan.shared_bytes, stream, p,
+                         plan.lanes_per_row, plan.work_per_block, x_tile_bytes);
+  });
+  if (err != cudaSuccess || plan.grid_y == 1) return err;
+  const int64_t entries = p.out_features * p.fan_in;
+  const int64_t blocks = std::min<int64_t>((entries + kThreads - 1) / kThreads, 65535);
+  return launch_kernel(sum_partials_kernel<scalar_t>, dim3(unsigned(blocks)), kThreads, 0, stream, p.partial,
+                       int64_t(plan.grid_y), entries, p.grad);
 }
 
-cudaError_t transposed_layout_sort_bytes(int64_t entries, int64_t in_features, size_t* bytes) {
+cudaError_t column_layout_sort_bytes(int64_t entries, int64_t in_features, size_t* bytes) {
   cub::DoubleBuffer<uint32_t> keys(nullptr, nullptr);
   cub::DoubleBuffer<int32_t> positions(nullptr, nullptr);
   *bytes = 0;
@@ -342,7 +298,7 @@ cudaError_t transposed_layout_sort_bytes(int64_t entries, int64_t in_features, s
 }
 
 template <typename scalar_t, typename index_t>
-cudaError_t build_transposed_layout(const TransposedLayoutProblem<scalar_t, index_t>& p, cudaStream_t stream) {
+cudaError_t build_column_layout(const ColumnLayoutProblem<scalar_t, index_t>& p, cudaStream_t stream) {
   const int64_t entries = p.out_features * p.fan_in;
   const uint32_t in = static_cast<uint32_t>(p.in_features);
   if (entries > 0) {
@@ -383,8 +339,8 @@ cudaError_t launch_grad_input_scatter(const ScatterGradInputProblem<scalar_t, in
 #define CONDENSED_OPS_BACKWARD(scalar_t, index_t)                                                            \
   template cudaError_t launch_grad_values<scalar_t, index_t>(const GradValuesProblem<scalar_t, index_t>&,    \
                                                               const LaunchPlan&, cudaStream_t);             \
-  template cudaError_t build_transposed_layout<scalar_t, index_t>(                                           \
-      const TransposedLayoutProblem<scalar_t, index_t>&, cudaStream_t);                                      \
+  template cudaError_t build_column_layout<scalar_t, index_t>(                                           \
+      const ColumnLayoutProblem<scalar_t, index_t>&, cudaStream_t);                                      \
   template cudaError_t launch_grad_input_scatter<scalar_t, index_t>(                                         \
       const ScatterGradInputProblem<scalar_t, index_t>&, const DeviceLimits&, cudaStream_t);
 

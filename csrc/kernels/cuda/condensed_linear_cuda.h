@@ -77,7 +77,7 @@ struct ForwardProblem {
   int64_t out_features;
   int64_t fan_in;          // constant fan-in: row o is [o * fan_in, (o + 1) * fan_in)
   // Variable-length rows instead (CSR, out_features + 1 entries, on the
-  // device), or nullptr: grad_x runs as a forward pass over W's transposed layout.
+  // device), or nullptr: grad_x runs as a forward pass over W's column layout.
   const int64_t* row_offsets;
   int* bad_index_flag;     // set to 1 when an index is outside [0, in_features); may be nullptr
 };
@@ -128,21 +128,21 @@ cudaError_t launch_grad_values(const GradValuesProblem<scalar_t, index_t>& p, co
 
 // ---- grad_x = grad_y @ W -----------------------------------------------------
 //
-// Deterministic path: W's transposed (CSC) layout, built on the device by a
+// Deterministic path: W's column (CSC) layout, built on the device by a
 // stable radix sort of the entries by column (so each column lists its
 // outputs in increasing order), then launch_forward over it with
 // row_offsets = column_offsets and idx = rows. Every grad_x element is one
 // fixed-order sum written by one lane: no atomics, bitwise reproducible.
 
 template <typename scalar_t, typename index_t>
-struct TransposedLayoutProblem {
+struct ColumnLayoutProblem {
   const scalar_t* values;  // [out_features, fan_in], contiguous
   const index_t* idx;      // [out_features, fan_in], contiguous
   int64_t out_features;
   int64_t fan_in;
   int64_t in_features;
   // Scratch: two key and two position buffers of `entries` elements each, and
-  // the sort's own scratch (transposed_layout_sort_bytes).
+  // the sort's own scratch (column_layout_sort_bytes).
   uint32_t* keys[2];
   int32_t* positions[2];
   void* sort_scratch;
@@ -156,10 +156,10 @@ struct TransposedLayoutProblem {
 };
 
 // entries = out_features * fan_in must be < 2^31 (positions are int32).
-cudaError_t transposed_layout_sort_bytes(int64_t entries, int64_t in_features, size_t* bytes);
+cudaError_t column_layout_sort_bytes(int64_t entries, int64_t in_features, size_t* bytes);
 
 template <typename scalar_t, typename index_t>
-cudaError_t build_transposed_layout(const TransposedLayoutProblem<scalar_t, index_t>& p, cudaStream_t stream);
+cudaError_t build_column_layout(const ColumnLayoutProblem<scalar_t, index_t>& p, cudaStream_t stream);
 
 // Fast path for small batches when determinism is not required: one atomic
 // add per (entry, batch row) into a zeroed accumulator grad_x_acc [batch, in_features].

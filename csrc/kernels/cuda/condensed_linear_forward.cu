@@ -1,6 +1,6 @@
 // Forward kernel, its planner and launcher:
 //   y[b, o] = bias[o] + sum_j values[o, j] * x[b, idx[o, j]]
-// (also grad_x = grad_y @ W, run over W's transposed layout with CSR rows).
+// (also grad_x = grad_y @ W, run over W's column layout with CSR rows).
 //
 // Work split: a block owns a contiguous range of output rows (grid.x) and a
 // set of batch slabs (grid.y strides over them). Per slab it stages kTile x
@@ -14,6 +14,7 @@
 
 #include "condensed_linear_cuda.h"
 #include "device_helpers.cuh"
+#include "launch.cuh"
 
 namespace condensed_ops::kernels::cuda {
 namespace {
@@ -25,15 +26,6 @@ namespace {
 constexpr double kShuffleShare = 8.0;
 // - Enough resident lanes in flight to cover HBM latency at small batch.
 constexpr int kWarpsPerMultiprocessorWanted = 32;
-// - Blocks for this many waves when the problem has them: a last, partial
-//   wave then idles at most ~1/kWaves of the GPU.
-constexpr int64_t kWaves = 8;
-
-int pow2_at_least(int64_t v) {
-  int p = 1;
-  while (p < v && p < (1 << 30)) p <<= 1;
-  return p;
-}
 
 int log2_int(int v) {
   int l = 0;
@@ -87,9 +79,7 @@ __device__ __forceinline__ void accumulate_row(const ForwardProblem<scalar_t, in
   }
 }
 
-// No __launch_bounds__: with it ptxas trades a few registers for 8-32 bytes
-// of spills in half of the instantiations (sm_90, nvcc 13.0); without it none
-// spill and all stay under 100 registers, well inside 256-thread blocks.
+// (No __launch_bounds__: see launch.cuh.)
 template <typename scalar_t, typename index_t, int kTile, bool kSharedX>
 __global__ void condensed_linear_forward_kernel(const ForwardProblem<scalar_t, index_t> p, const int lanes_per_row,
                                                 const int64_t rows_per_block) {
@@ -143,29 +133,6 @@ __global__ void condensed_linear_forward_kernel(const ForwardProblem<scalar_t, i
   }
 }
 
-template <typename scalar_t, typename index_t, int kTile, bool kSharedX>
-cudaError_t launch_tile(const ForwardProblem<scalar_t, index_t>& p, const LaunchPlan& plan, cudaStream_t stream) {
-  const auto kernel = condensed_linear_forward_kernel<scalar_t, index_t, kTile, kSharedX>;
-  if (plan.shared_bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<dim3(plan.grid_x, plan.grid_y), plan.threads, plan.shared_bytes, stream>>>(p, plan.lanes_per_row,
-                                                                                      plan.work_per_block);
-  return cudaGetLastError();
-}
-
-template <typename scalar_t, typename index_t, int kTile>
-cudaError_t launch_with_tile(const ForwardProblem<scalar_t, index_t>& p, const LaunchPlan& plan, cudaStream_t stream) {
-  if constexpr (kTile > kMaxBatchTile<scalar_t>) {
-    return cudaErrorInvalidValue;
-  } else {
-    return plan.shared_x ? launch_tile<scalar_t, index_t, kTile, true>(p, plan, stream)
-                         : launch_tile<scalar_t, index_t, kTile, false>(p, plan, stream);
-  }
-}
-
 }  // namespace
 
 template <typename scalar_t>
@@ -175,20 +142,9 @@ LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features
   LaunchPlan plan;
   plan.threads = kThreads;
   const int64_t sms = std::max(1, limits.multiprocessors);
-  const size_t budget =
-      std::min<size_t>(kSharedBudget, size_t(std::max(0, limits.max_shared_bytes_per_block - 1024)));
-
-  // Batch tile: the whole batch when it fits one pass, else the widest tile;
-  // narrower while the staged slab would not fit the shared budget.
-  int tile = std::min(pow2_at_least(std::max<int64_t>(batch, 1)), kMaxBatchTile<scalar_t>);
-  const auto slab_bytes = [&](int t) { return size_t(in_features) * size_t(t) * sizeof(scalar_t); };
-  bool fits = slab_bytes(tile) <= budget;
-  if (access != XAccess::Global) {
-    while (!fits && tile > 1) {
-      tile /= 2;
-      fits = slab_bytes(tile) <= budget;
-    }
-  }
+  bool fits = false;
+  const int tile = plan_batch_tile<scalar_t>(batch, in_features, 0, shared_budget(limits), access, &fits);
+  const size_t slab = slab_bytes<scalar_t>(in_features, tile);
   bool shared_x = access == XAccess::Shared ? fits : access == XAccess::Auto && fits;
   const int64_t slabs = std::max<int64_t>(1, (batch + tile - 1) / tile);
 
@@ -207,7 +163,7 @@ LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features
   const auto blocks_per_sm = [&](bool staged) -> int64_t {
     const int64_t by_threads = 2048 / kThreads;
     if (!staged) return by_threads;
-    const size_t per_block = slab_bytes(tile) + 1024;  // + the runtime's reserved 1 KB
+    const size_t per_block = slab + 1024;  // + the runtime's reserved 1 KB
     return std::clamp<int64_t>(int64_t(limits.max_shared_bytes_per_multiprocessor / per_block), 1, by_threads);
   };
   // Work units are (row chunk, slab) pairs, one block each (gridDim.y covers
@@ -233,7 +189,7 @@ LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features
   }
   plan.shared_x = shared_x;
   plan.batch_tile = tile;
-  plan.shared_bytes = shared_x ? slab_bytes(tile) : 0;
+  plan.shared_bytes = shared_x ? slab : 0;
   plan.work_per_block = std::max<int64_t>(1, (out_features + row_chunks - 1) / row_chunks);
   plan.grid_x = unsigned(std::max<int64_t>(1, (out_features + plan.work_per_block - 1) / plan.work_per_block));
   plan.grid_y = unsigned(std::clamp<int64_t>(slabs, 1, std::max(1, limits.max_grid_y)));  // more: blocks stride
@@ -243,28 +199,13 @@ LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features
 template <typename scalar_t, typename index_t>
 cudaError_t launch_forward(const ForwardProblem<scalar_t, index_t>& p, const LaunchPlan& plan, cudaStream_t stream) {
   if (p.batch == 0 || p.out_features == 0) return cudaSuccess;
-  // The one place where run-time choices become template arguments.
-  switch (plan.batch_tile) {
-    case 1: return launch_with_tile<scalar_t, index_t, 1>(p, plan, stream);
-    case 2: return launch_with_tile<scalar_t, index_t, 2>(p, plan, stream);
-    case 4: return launch_with_tile<scalar_t, index_t, 4>(p, plan, stream);
-    case 8: return launch_with_tile<scalar_t, index_t, 8>(p, plan, stream);
-    case 16: return launch_with_tile<scalar_t, index_t, 16>(p, plan, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-cudaError_t query_device_limits(int device, DeviceLimits* limits) {
-  cudaError_t err = cudaDeviceGetAttribute(&limits->multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&limits->max_shared_bytes_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&limits->max_shared_bytes_per_multiprocessor,
-                                 cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  }
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limits->max_grid_y, cudaDevAttrMaxGridDimY, device);
-  return err;
+  return with_batch_tile<scalar_t>(plan.batch_tile, [&](auto tile) {
+    constexpr int kTile = decltype(tile)::value;
+    const auto kernel = plan.shared_x ? condensed_linear_forward_kernel<scalar_t, index_t, kTile, true>
+                                      : condensed_linear_forward_kernel<scalar_t, index_t, kTile, false>;
+    return launch_kernel(kernel, dim3(plan.grid_x, plan.grid_y), unsigned(plan.threads), plan.shared_bytes, stream, p,
+                         plan.lanes_per_row, plan.work_per_block);
+  });
 }
 
 // ---- explicit instantiations -------------------------------------------------

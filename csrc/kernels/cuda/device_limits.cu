@@ -1,0 +1,19 @@
+// What the planners need to know about a device, asked once per device by the glue.
+#include "condensed_linear_cuda.h"
+
+namespace condensed_ops::kernels::cuda {
+
+cudaError_t query_device_limits(int device, DeviceLimits* limits) {
+  cudaError_t err = cudaDeviceGetAttribute(&limits->multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&limits->max_shared_bytes_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&limits->max_shared_bytes_per_multiprocessor,
+                                 cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  }
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limits->max_grid_y, cudaDevAttrMaxGridDimY, device);
+  return err;
+}
+
+}  // namespace condensed_ops::kernels::cuda
