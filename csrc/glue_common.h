@@ -21,6 +21,20 @@ struct KernelTypeOf<c10::Half, HalfT, BFloat16T> { using type = HalfT; };
 template <typename HalfT, typename BFloat16T>
 struct KernelTypeOf<c10::BFloat16, HalfT, BFloat16T> { using type = BFloat16T; };
 
+// A backend's view of tensors as kernel pointers:
+//   using Kernel = KernelTypes<__half, __nv_bfloat16>;
+//   Kernel::type<scalar_t>* p = Kernel::ptr<scalar_t>(tensor);
+template <typename HalfT, typename BFloat16T>
+struct KernelTypes {
+  template <typename T>
+  using type = typename KernelTypeOf<T, HalfT, BFloat16T>::type;
+
+  template <typename T>
+  static type<T>* ptr(const at::Tensor& t) {
+    return reinterpret_cast<type<T>*>(t.data_ptr<T>());
+  }
+};
+
 // Calls f(int16_t{}) or f(int32_t{}) for a kernel index tensor.
 template <typename F>
 void with_index_type(const at::Tensor& idx, F&& f) {

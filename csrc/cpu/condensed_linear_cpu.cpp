@@ -34,13 +34,7 @@ namespace {
 
 namespace k = kernels;
 
-template <typename T>
-using KernelType = typename KernelTypeOf<T, k::Half, k::BFloat16>::type;
-
-template <typename T>
-auto* kernel_ptr(const at::Tensor& t) {
-  return reinterpret_cast<KernelType<T>*>(t.data_ptr<T>());
-}
+using Kernel = KernelTypes<k::Half, k::BFloat16>;
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -302,15 +296,15 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   const at::Tensor x_2d = rows_in_acc_type(x, batch, in_features);
   bool inside = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_cpu", [&] {
-    using kernel_scalar_t = KernelType<scalar_t>;
+    using kernel_scalar_t = Kernel::type<scalar_t>;
     using acc = k::acc_t<kernel_scalar_t>;
     with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const k::CondensedLinearProblem<kernel_scalar_t, index_t> p{
           x_2d.data_ptr<acc>(), x_2d.stride(0),
-          kernel_ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(),
-          bias_c.defined() ? kernel_ptr<scalar_t>(bias_c) : nullptr,
-          kernel_ptr<scalar_t>(y),
+          Kernel::ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(),
+          bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr,
+          Kernel::ptr<scalar_t>(y),
           batch, in_features, out_features, values.size(1)};
       inside = run_rows(p);
     });
@@ -336,18 +330,18 @@ at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::T
   const at::Tensor grad_y_2d = rows_in_acc_type(grad_y, batch, out_features);
   bool inside = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_grad_input_cpu", [&] {
-    using kernel_scalar_t = KernelType<scalar_t>;
+    using kernel_scalar_t = Kernel::type<scalar_t>;
     using acc = k::acc_t<kernel_scalar_t>;
     at::parallel_for(0, entries, /*grain_size=*/32768, [&](int64_t begin, int64_t end) {
-      k::gather_column_values(kernel_ptr<scalar_t>(values_c), layout.sources.data_ptr<int32_t>(), begin, end,
-                              kernel_ptr<scalar_t>(column_values));
+      k::gather_column_values(Kernel::ptr<scalar_t>(values_c), layout.sources.data_ptr<int32_t>(), begin, end,
+                              Kernel::ptr<scalar_t>(column_values));
     });
     with_index_type(layout.rows, [&](auto row_tag) {
       using row_index_t = decltype(row_tag);
       k::CondensedLinearProblem<kernel_scalar_t, row_index_t> p{
           grad_y_2d.data_ptr<acc>(), grad_y_2d.stride(0),
-          kernel_ptr<scalar_t>(column_values), layout.rows.data_ptr<row_index_t>(), nullptr,
-          kernel_ptr<scalar_t>(grad_x),
+          Kernel::ptr<scalar_t>(column_values), layout.rows.data_ptr<row_index_t>(), nullptr,
+          Kernel::ptr<scalar_t>(grad_x),
           batch, out_features, in_features, 0};
       p.row_offsets = layout.offsets.data_ptr<int64_t>();
       inside = run_rows(p);  // rows < out_features by construction
@@ -455,7 +449,7 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "pack_for_inference_cpu", [&] {
     with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      blob = build_window_layout(kernel_ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(), source_row, outputs,
+      blob = build_window_layout(Kernel::ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(), source_row, outputs,
                                  values.size(1), in_features, window);
     });
   });
@@ -496,7 +490,7 @@ at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& pa
   const at::Tensor blob = packed.contiguous();
   k::ValueType value_type = k::ValueType::Float32;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condensed_linear_packed_cpu", [&] {
-    value_type = k::value_type_of<KernelType<scalar_t>>();
+    value_type = k::value_type_of<Kernel::type<scalar_t>>();
   });
   const char* damage = k::check_window_layout(blob.data_ptr<uint8_t>(), blob.numel(), value_type);
   TORCH_CHECK_VALUE(damage == nullptr, "condensed_linear_packed: packed is not a window layout of ",
@@ -514,7 +508,7 @@ at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& pa
   const Isa isa = active_isa();
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condensed_linear_packed_cpu", [&] {
-    using kernel_scalar_t = KernelType<scalar_t>;
+    using kernel_scalar_t = Kernel::type<scalar_t>;
     using acc = k::acc_t<kernel_scalar_t>;
     // x once into windows (each window's last slot zero), widened to acc.
     const at::Tensor x_acc = x_2d.to(acc_dtype(x.scalar_type())).contiguous();
@@ -528,7 +522,7 @@ at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& pa
     });
     const k::WindowProblem<kernel_scalar_t> p{
         x_windows.data_ptr<acc>(), row_stride, k::view_window_layout<kernel_scalar_t>(blob.data_ptr<uint8_t>()),
-        bias_c.defined() ? kernel_ptr<scalar_t>(bias_c) : nullptr, kernel_ptr<scalar_t>(y), batch};
+        bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr, Kernel::ptr<scalar_t>(y), batch};
     ok = run_window(p, isa);
   });
   TORCH_CHECK_VALUE(ok, "condensed_linear_packed: packed is damaged (its step counts disagree with its block table)");

@@ -27,13 +27,7 @@ namespace {
 namespace k = kernels::cuda;
 
 // torch's c10::Half / c10::BFloat16 are bit-compatible with CUDA's types.
-template <typename T>
-using KernelType = typename KernelTypeOf<T, __half, __nv_bfloat16>::type;
-
-template <typename T>
-auto* kernel_ptr(const at::Tensor& t) {
-  return reinterpret_cast<KernelType<T>*>(t.data_ptr<T>());
-}
+using Kernel = KernelTypes<__half, __nv_bfloat16>;
 
 // grad_x by atomics up to this batch when determinism is not required: the
 // column layout costs a sort per call, the atomics batch * entries adds.
@@ -106,14 +100,14 @@ at::Tensor condensed_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
   const at::Tensor x_2d = as_rows(x, batch, in_features);
   const k::XAccess access = x_access();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_cuda", [&] {
-    using kernel_scalar_t = KernelType<scalar_t>;
+    using kernel_scalar_t = Kernel::type<scalar_t>;
     with_index_type(idx_c, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const k::ForwardProblem<kernel_scalar_t, index_t> p{
-          kernel_ptr<scalar_t>(x_2d), x_2d.stride(0),
-          kernel_ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(),
-          bias_c.defined() ? kernel_ptr<scalar_t>(bias_c) : nullptr,
-          kernel_ptr<scalar_t>(y), out_features,
+          Kernel::ptr<scalar_t>(x_2d), x_2d.stride(0),
+          Kernel::ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(),
+          bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr,
+          Kernel::ptr<scalar_t>(y), out_features,
           batch, in_features, out_features, fan_in,
           /*row_offsets=*/nullptr, call.flag};
       const k::LaunchPlan plan = k::plan_forward<kernel_scalar_t>(batch, in_features, out_features, double(fan_in),
@@ -129,14 +123,14 @@ at::Tensor condensed_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
 template <typename scalar_t, typename index_t>
 void grad_input_scatter(const at::Tensor& grad_y_2d, const at::Tensor& values_c, const at::Tensor& idx_k,
                         const at::Tensor& grad_x, int64_t batch, int64_t in_features, const CallContext& call) {
-  using kernel_scalar_t = KernelType<scalar_t>;
+  using kernel_scalar_t = Kernel::type<scalar_t>;
   using acc = k::acc_t<kernel_scalar_t>;
   // Atomics add in float (double for double); 16-bit results round once at the end.
   constexpr bool in_place = std::is_same_v<acc, kernel_scalar_t>;
   const at::Tensor grad_x_acc =
       in_place ? grad_x.zero_() : at::zeros({batch, in_features}, grad_y_2d.options().dtype(at::kFloat));
   const k::ScatterGradInputProblem<kernel_scalar_t, index_t> p{
-      kernel_ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0), kernel_ptr<scalar_t>(values_c),
+      Kernel::ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0), Kernel::ptr<scalar_t>(values_c),
       idx_k.data_ptr<index_t>(), grad_x_acc.data_ptr<acc>(), batch, in_features, values_c.size(0), values_c.size(1),
       call.flag};
   C10_CUDA_CHECK(k::launch_grad_input_scatter(p, device_limits(call.device), call.stream));
@@ -149,7 +143,7 @@ void grad_input_scatter(const at::Tensor& grad_y_2d, const at::Tensor& values_c,
 template <typename scalar_t, typename index_t>
 void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values_c, const at::Tensor& idx_k,
                            const at::Tensor& grad_x, int64_t batch, int64_t in_features, const CallContext& call) {
-  using kernel_scalar_t = KernelType<scalar_t>;
+  using kernel_scalar_t = Kernel::type<scalar_t>;
   const int64_t out_features = values_c.size(0);
   const int64_t entries = values_c.numel();
   TORCH_CHECK(entries <= std::numeric_limits<int32_t>::max(),
@@ -164,7 +158,7 @@ void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values
   const at::Tensor column_offsets = at::empty({in_features + 1}, grad_y_2d.options().dtype(at::kLong));
   const at::Tensor column_values = at::empty({entries}, values_c.options());
   k::ColumnLayoutProblem<kernel_scalar_t, index_t> t{};
-  t.values = kernel_ptr<scalar_t>(values_c);
+  t.values = Kernel::ptr<scalar_t>(values_c);
   t.idx = idx_k.data_ptr<index_t>();
   t.out_features = out_features;
   t.fan_in = values_c.size(1);
@@ -177,15 +171,15 @@ void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values
   t.sort_scratch_bytes = sort_bytes;
   t.column_offsets = column_offsets.data_ptr<int64_t>();
   t.rows = rows.data_ptr<int32_t>();
-  t.column_values = kernel_ptr<scalar_t>(column_values);
+  t.column_values = Kernel::ptr<scalar_t>(column_values);
   t.bad_index_flag = call.flag;
   C10_CUDA_CHECK(k::build_column_layout(t, call.stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // rows < out_features by construction: the guard in the kernel never fires.
   const k::ForwardProblem<kernel_scalar_t, int32_t> p{
-      kernel_ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0),
-      kernel_ptr<scalar_t>(column_values), rows.data_ptr<int32_t>(), /*bias=*/nullptr,
-      kernel_ptr<scalar_t>(grad_x), in_features,
+      Kernel::ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0),
+      Kernel::ptr<scalar_t>(column_values), rows.data_ptr<int32_t>(), /*bias=*/nullptr,
+      Kernel::ptr<scalar_t>(grad_x), in_features,
       batch, out_features, in_features, /*fan_in=*/0,
       column_offsets.data_ptr<int64_t>(), call.flag};
   const k::LaunchPlan plan = k::plan_forward<kernel_scalar_t>(
@@ -245,7 +239,7 @@ at::Tensor condensed_linear_grad_values_cuda(const at::Tensor& grad_y, const at:
   const k::DeviceLimits& limits = device_limits(call.device);
   const k::XAccess access = x_access();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condensed_linear_grad_values_cuda", [&] {
-    using kernel_scalar_t = KernelType<scalar_t>;
+    using kernel_scalar_t = Kernel::type<scalar_t>;
     using acc = k::acc_t<kernel_scalar_t>;
     with_index_type(idx_c, [&](auto index_tag) {
       using index_t = decltype(index_tag);
@@ -256,9 +250,9 @@ at::Tensor condensed_linear_grad_values_cuda(const at::Tensor& grad_y, const at:
           partial_elements > 0 ? at::empty({partial_elements}, x.options().dtype(c10::CppTypeToScalarType<acc>::value))
                                : at::Tensor();
       const k::GradValuesProblem<kernel_scalar_t, index_t> p{
-          kernel_ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0),
-          kernel_ptr<scalar_t>(x_2d), x_2d.stride(0),
-          idx_c.data_ptr<index_t>(), kernel_ptr<scalar_t>(grad),
+          Kernel::ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0),
+          Kernel::ptr<scalar_t>(x_2d), x_2d.stride(0),
+          idx_c.data_ptr<index_t>(), Kernel::ptr<scalar_t>(grad),
           partial.defined() ? partial.data_ptr<acc>() : nullptr,
           batch, in_features, out_features, fan_in, call.flag};
       C10_CUDA_CHECK(k::launch_grad_values(p, plan, call.stream));
