@@ -135,13 +135,9 @@ template bool grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {
   if (p.layout.window != kPermuteWindow) return false;
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    const bool ok = for_row_groups(p.batch, [&](auto rows, int64_t row0) {
-      return window_rows<decltype(rows)::value>(p, b, row0);
-    });
-    if (!ok) return false;
-  }
-  return true;
+  return for_blocks_and_row_groups(block_begin, block_end, p.batch, [&](auto rows, int64_t b, int64_t row0) {
+    return window_rows<decltype(rows)::value>(p, b, row0);
+  });
 }
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                       \

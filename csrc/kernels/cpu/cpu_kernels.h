@@ -153,6 +153,16 @@ inline bool for_row_groups(int64_t batch, Rows&& rows) {
   }
 }
 
+// The window kernels' walk: for_row_groups over the batch for every block in
+// [block_begin, block_end); rows(n, block, first_row) as above.
+template <class Rows>
+inline bool for_blocks_and_row_groups(int64_t block_begin, int64_t block_end, int64_t batch, Rows&& rows) {
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    if (!for_row_groups(batch, [&](auto n, int64_t row0) { return rows(n, b, row0); })) return false;
+  }
+  return true;
+}
+
 // ---- flavours ---------------------------------------------------------------------
 
 namespace portable {
