@@ -185,7 +185,7 @@ def test_state_dict_with_bad_active_rows_fails():
     module = CondensedLinear.from_linear(masked_linear(ROWS_CASES[1], True, zero_outside=True)[0])
     state = module.state_dict()
     state["active_rows"] = torch.arange(10).flip(0).clamp(max=8)  # a repeated row
-    with pytest.raises(ValueError, match="distinct rows"):
+    with pytest.raises(RuntimeError, match="active_rows: entries must be distinct outputs"):
         CondensedLinear(40, 13, module.fan_in, active_neurons=10).load_state_dict(state)
 
 
@@ -396,10 +396,89 @@ def test_conv2d_state_dict_round_trip():
     _round_trip(module, blank, torch.randn(2, case.in_channels, *case.image))
 
 
-def test_state_dict_into_a_mismatched_blank_fails():
+def test_state_dict_loads_into_a_module_of_other_sizes():
+    # Sizes come from the checkpoint: fan_in, active neurons, ablation.
     module = CondensedLinear.from_linear(masked_linear(ROWS_CASES[1], True, zero_outside=True)[0])
-    with pytest.raises(RuntimeError, match="active_rows"):
-        CondensedLinear(40, 13, module.fan_in).load_state_dict(module.state_dict())
+    for blank in (CondensedLinear(40, 13, 3), CondensedLinear(40, 13, 9, active_neurons=4)):
+        blank.load_state_dict(module.state_dict())
+        assert (blank.fan_in, blank.active_neurons) == (module.fan_in, module.active_neurons)
+        x = torch.randn(3, 40)
+        assert torch.equal(blank(x), module(x))
+    full = CondensedLinear.from_linear(masked_linear(ROWS_CASES[0], True, zero_outside=True)[0])
+    ablated = CondensedLinear(40, full.out_features, 2, active_neurons=3)
+    ablated.load_state_dict(full.state_dict())
+    assert ablated.active_rows is None and torch.equal(ablated(torch.ones(2, 40)), full(torch.ones(2, 40)))
+
+
+def _checkpoint(ablated=True):
+    case = ROWS_CASES[3] if ablated else ROWS_CASES[0]
+    module = CondensedLinear.from_linear(masked_linear(case, True, zero_outside=True)[0])
+    return module, {key: value.clone() for key, value in module.state_dict().items()}
+
+
+def _spoil(state, key, change):
+    state = dict(state)
+    state[key] = change(state[key].clone())
+    return state
+
+
+_BAD_CHECKPOINTS = [
+    ("idx_wraps_in_int16", "idx", lambda t: t.long().index_fill_(1, torch.tensor([0]), 2**16 + 3), r"idx: entry \[0, 0\] = 65539 is outside"),
+    ("idx_float", "idx", lambda t: t.float() + 0.75, r"idx: must be an integer tensor, got torch.float32"),
+    ("idx_negative", "idx", lambda t: t.index_fill_(0, torch.tensor([2]), -1), r"idx: entry \[2, 0\] = -1 is outside"),
+    ("idx_too_large", "idx", lambda t: t.index_fill_(0, torch.tensor([1]), 40), r"idx: entry \[1, 0\] = 40 is outside \[0, in_features=40\)"),
+    ("idx_shape", "idx", lambda t: t[:, :-1], r"idx: must have values' shape"),
+    ("values_3d", "values", lambda t: t[None], r"values: must be a 2-D floating-point tensor"),
+    ("values_int", "values", lambda t: t.long(), r"values: must be a 2-D floating-point tensor"),
+    ("values_too_wide", "values", lambda t: torch.zeros(t.shape[0], 41), r"values: has shape \[\d+, 41\]"),
+    ("active_rows_negative", "active_rows", lambda t: t.index_fill_(0, torch.tensor([0]), -1), r"active_rows: entries must lie in \[0, out_features=13\)"),
+    ("active_rows_too_large", "active_rows", lambda t: t.index_fill_(0, torch.tensor([0]), 13), r"active_rows: entries must lie in \[0, out_features=13\)"),
+    ("active_rows_repeated", "active_rows", lambda t: t.index_fill_(0, torch.tensor([1]), int(t[0])), r"active_rows: entries must be distinct"),
+    ("active_rows_float", "active_rows", lambda t: t.double(), r"active_rows: must be a 1-D integer tensor"),
+    ("active_rows_short", "active_rows", lambda t: t[1:], r"active_rows: must name one output per row of values"),
+]
+
+
+@pytest.mark.parametrize("key,change,message", [c[1:] for c in _BAD_CHECKPOINTS], ids=[c[0] for c in _BAD_CHECKPOINTS])
+def test_a_bad_checkpoint_raises_naming_the_key_and_changes_nothing(key, change, message):
+    module, state = _checkpoint()
+    target, _ = _checkpoint()
+    with torch.no_grad():
+        target.values.mul_(2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match=message):
+        target.load_state_dict(_spoil(state, key, change))
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_checkpoint_without_active_rows_must_fill_every_output():
+    module, state = _checkpoint()
+    del state["active_rows"]
+    with pytest.raises(RuntimeError, match=r"active_rows: missing: values has 11 rows for out_features=13"):
+        CondensedLinear(40, 13, 2).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"idx: missing"):
+        CondensedLinear(40, 13, 2).load_state_dict({"values": state["values"], "bias": state["bias"]})
+
+
+def test_load_condensed_into_a_dense_architecture(tmp_path):
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 20), nn.ReLU(), nn.Linear(20, 4))
+
+    model = make()
+    masks = {"0": constant_fan_in_mask(8, 27, 5).view(8, 3, 3, 3), "2": constant_fan_in_mask(20, 288, 30)}
+    masks["2"][7] = False  # an ablated neuron
+    condense(model, masks=masks, min_weights=0)
+    assert isinstance(model[0], CondensedConv2d) and isinstance(model[2], CondensedLinear)
+    torch.save(model.state_dict(), tmp_path / "condensed.pt")
+    loaded = condensed_ops.load_condensed(make(), torch.load(tmp_path / "condensed.pt"))  # weights_only=True
+    assert isinstance(loaded[0], CondensedConv2d) and isinstance(loaded[2], CondensedLinear) and isinstance(loaded[4], nn.Linear)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="does not have"):
+        condensed_ops.load_condensed(nn.Sequential(nn.Linear(3, 3)), {"9.values": torch.zeros(1, 1), "9.idx": torch.zeros(1, 1)})
 
 
 # ---- TorchScript and torch.compile --------------------------------------------------------------

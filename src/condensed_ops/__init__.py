@@ -10,7 +10,7 @@ import torch  # noqa: F401  -- loads libtorch before the extension that links it
 
 from . import _C  # noqa: F401  -- registers torch.ops.condensed_ops.*
 from . import masks, srigl
-from .convert import CondenseReport, condense
+from .convert import CondenseReport, condense, load_condensed
 from .layout import to_condensed, to_dense
 from .modules import CondensedConv2d, CondensedLinear
 from .ops import condensed_linear, condensed_linear_packed, pack_for_inference
@@ -24,6 +24,7 @@ __all__ = [
     "condense",
     "condensed_linear",
     "condensed_linear_packed",
+    "load_condensed",
     "masks",
     "pack_for_inference",
     "srigl",

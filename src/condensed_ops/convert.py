@@ -9,7 +9,16 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .modules import CondensedConv2d, CondensedLayer, CondensedLinear, RowPlan, _format_bytes, conv2d_unsupported_reason, plan_rows
+from .modules import (
+    CondensedConv2d,
+    CondensedLayer,
+    CondensedLinear,
+    RowPlan,
+    _explicit_padding,
+    _format_bytes,
+    conv2d_unsupported_reason,
+    plan_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -248,4 +257,53 @@ def condense(
     return report
 
 
-__all__ = ["CondenseReport", "ConvertedLayer", "SkippedLayer", "condense"]
+def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> nn.Module:
+    """Load a condensed model's ``state_dict`` into ``model`` built the ordinary way.
+
+    Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` whose weight the checkpoint
+    holds condensed (``<name>.values``, ``<name>.idx`` and, with ablated neurons,
+    ``<name>.active_rows``) is replaced by a :class:`CondensedLinear` /
+    :class:`CondensedConv2d` of the same shape, sized from the checkpoint; then
+    ``model.load_state_dict(state_dict, strict)`` fills everything (and checks
+    the condensed layouts: a bad index, dtype or shape raises naming its key).
+    Works with ``torch.load(path)``'s default ``weights_only=True``::
+
+        model = make_model()                                  # dense architecture
+        condensed_ops.load_condensed(model, torch.load("condensed.pt"))
+
+    Returns ``model``, changed in place.
+    """
+    condensed_names = [key[: -len(".values")] for key in state_dict if key.endswith(".values")]
+    for name in condensed_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load_condensed: the checkpoint condenses {name!r}, which the model does not have") from None
+        if isinstance(module, CondensedLayer):
+            continue  # already condensed: its load takes the sizes
+        if type(module) not in _CONVERTIBLE_TYPES:
+            raise ValueError(f"load_condensed: {name!r} is a {type(module).__name__}, not an nn.Linear or nn.Conv2d")
+        values = state_dict[name + ".values"]
+        idx = state_dict.get(name + ".idx")
+        index_dtype = idx.dtype if isinstance(idx, Tensor) and idx.dtype in (torch.int16, torch.int32) else None
+        options = dict(active_neurons=values.shape[0], index_dtype=index_dtype, device=values.device, dtype=module.weight.dtype)
+        if isinstance(module, nn.Linear):
+            condensed: CondensedLayer = nn.utils.skip_init(
+                CondensedLinear, module.in_features, module.out_features, values.shape[1], module.bias is not None, **options
+            )
+        else:
+            unsupported = conv2d_unsupported_reason(module)
+            if unsupported is not None:
+                raise ValueError(f"load_condensed: {name!r} cannot be condensed: {unsupported}")
+            condensed = nn.utils.skip_init(
+                CondensedConv2d, module.in_channels, module.out_channels, module.kernel_size, values.shape[1], module.stride,
+                _explicit_padding(module), module.dilation, module.bias is not None, **options,
+            )
+        condensed.train(module.training)
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, condensed)
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
+
+__all__ = ["CondenseReport", "ConvertedLayer", "SkippedLayer", "condense", "load_condensed"]

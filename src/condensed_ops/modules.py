@@ -28,7 +28,7 @@ to opt out.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,50 @@ def plan_rows(weight: Tensor, mask: Optional[Tensor] = None) -> RowPlan:
         padded_entries=padded_entries,
         padding_fraction=padding_fraction,
     )
+
+
+def _state_problems(module: "CondensedLayer", state: Dict[str, Any], prefix: str) -> List[str]:
+    """What is wrong with a checkpoint's condensed layout for ``module``, each naming its key."""
+    values, idx, active_rows = (state.get(prefix + name) for name in ("values", "idx", "active_rows"))
+    if values is None and idx is None and active_rows is None:
+        return []  # nothing of ours here (strict loading reports the missing keys)
+    problems: List[str] = []
+
+    def problem(key: str, what: str) -> None:
+        problems.append(f"{prefix}{key}: {what}")
+
+    if values is None or idx is None:
+        problem("values" if values is None else "idx", "missing, while the checkpoint has the rest of the condensed layout")
+        return problems
+    if not isinstance(values, Tensor) or not values.is_floating_point() or values.dim() != 2:
+        problem("values", f"must be a 2-D floating-point tensor [active_neurons, fan_in], got {_describe(values)}")
+        return problems
+    rows, fan_in = values.shape
+    if rows > module.out_features or fan_in > module.in_features:
+        problem("values", f"has shape {list(values.shape)}; this layer has out_features={module.out_features} and in_features={module.in_features}")
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8):
+        problem("idx", f"must be an integer tensor, got {_describe(idx)}")
+    elif idx.shape != values.shape:
+        problem("idx", f"must have values' shape {list(values.shape)}, got {list(idx.shape)}")
+    elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= module.in_features):
+        bad = ((idx < 0) | (idx >= module.in_features)).nonzero()[0].tolist()
+        problem("idx", f"entry {bad} = {int(idx[bad[0], bad[1]])} is outside [0, in_features={module.in_features})")
+    if active_rows is None:
+        if rows != module.out_features:
+            problem("active_rows", f"missing: values has {rows} rows for out_features={module.out_features} (the others must be named as ablated)")
+    elif not isinstance(active_rows, Tensor) or active_rows.dtype.is_floating_point or active_rows.dtype == torch.bool or active_rows.dim() != 1:
+        problem("active_rows", f"must be a 1-D integer tensor, got {_describe(active_rows)}")
+    elif active_rows.numel() != rows:
+        problem("active_rows", f"must name one output per row of values ({rows}), got {active_rows.numel()}")
+    elif active_rows.numel() and (int(active_rows.min()) < 0 or int(active_rows.max()) >= module.out_features):
+        problem("active_rows", f"entries must lie in [0, out_features={module.out_features}), got [{int(active_rows.min())}, {int(active_rows.max())}]")
+    elif torch.unique(active_rows).numel() != active_rows.numel():
+        problem("active_rows", "entries must be distinct outputs")
+    return problems
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def _format_bytes(count: int) -> str:
@@ -223,9 +267,34 @@ class CondensedLayer(nn.Module):
         self.ablated_rows = inactive_first[: self.out_features - active_rows.numel()]
         self.output_order = torch.cat([active_rows, self.ablated_rows]).argsort()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:  # type: ignore[override]
+        """Checks the stored layout first (every problem names its key; a module
+        with a problem is left exactly as it was), then takes its sizes from the
+        loaded tensors: ``fan_in``, the active neurons and whether some are ablated
+        come from the checkpoint, so a module built with other sizes (or none
+        ablated) loads it."""
+        problems = _state_problems(self, state_dict, prefix)
+        if problems:
+            error_msgs.extend(problems)
+            return
+        if prefix + "values" in state_dict:
+            self._take_sizes(state_dict[prefix + "values"].shape, state_dict.get(prefix + "active_rows"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._derive_output_order()
+
+    @torch.no_grad()
+    def _take_sizes(self, shape: torch.Size, active_rows: Optional[Tensor]) -> None:
+        """Resizes values, idx and active_rows to a checkpoint's (contents follow from the load)."""
+        active_neurons, fan_in = int(shape[0]), int(shape[1])
+        if (active_neurons, fan_in) != tuple(self.values.shape):
+            self.values = nn.Parameter(self.values.new_empty(active_neurons, fan_in), requires_grad=self.values.requires_grad)
+            self.idx = self.idx.new_zeros(active_neurons, fan_in)
+        self.active_neurons, self.fan_in = active_neurons, fan_in
+        if active_rows is None:
+            self.active_rows = None
+            self.ablated_rows = self.output_order = None
+        elif self.active_rows is None or self.active_rows.shape != active_rows.shape:
+            self.active_rows = torch.zeros(active_neurons, dtype=torch.int64, device=self.values.device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
