@@ -2,6 +2,7 @@
 // without importing the package still trains).
 #include "op_checks.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -69,6 +70,20 @@ at::Tensor condensed_linear_autograd(const at::Tensor& x, const at::Tensor& valu
   return CondensedLinearFunction::forward_op().call(x, values, idx, bias);
 }
 
+// Under autocast the op runs like F.linear: x, values and bias (float32 ones;
+// float64 stays) are cast to the autocast dtype. cached_cast keeps the cast
+// of a leaf weight that requires grad for the rest of the autocast region, so
+// a layer called several times per step casts its values once.
+template <c10::DeviceType kDevice>
+at::Tensor condensed_linear_autocast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                     const std::optional<at::Tensor>& bias) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  return CondensedLinearFunction::forward_op().call(at::autocast::cached_cast(dtype, x, kDevice),
+                                                     at::autocast::cached_cast(dtype, values, kDevice), idx,
+                                                     at::autocast::cached_cast(dtype, bias, kDevice));
+}
+
 TORCH_LIBRARY(condensed_ops, m) {
   m.def("condensed_linear(Tensor x, Tensor values, Tensor idx, Tensor? bias=None) -> Tensor");
   // The backward ops, public so other autograd code (or a custom kernel) can reuse them.
@@ -81,6 +96,13 @@ TORCH_LIBRARY(condensed_ops, m) {
   m.def("pack_for_inference(Tensor values, Tensor idx, SymInt in_features, Tensor? active_rows=None, "
         "SymInt? out_features=None) -> Tensor");
   m.def("condensed_linear_packed(Tensor x, Tensor packed, SymInt out_features, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(condensed_ops, AutocastCPU, m) {
+  m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(condensed_ops, AutocastCUDA, m) {
+  m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(condensed_ops, Autograd, m) {

@@ -169,6 +169,14 @@ def _describe(t: object) -> str:
     return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    if torch.jit.is_scripting():
+        # TorchScript has no torch.amp autocast here (torch.is_autocast_cpu_enabled()
+        # even crashes a scripted function under autocast, torch 2.13).
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def _format_bytes(count: int) -> str:
     for unit in ("B", "KiB", "MiB"):
         if count < 1024 or unit == "MiB":
@@ -353,8 +361,11 @@ class CondensedLayer(nn.Module):
         return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
 
     def _uses_window_layout(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
-        """CPU inference on at most window_max_batch rows (see the module docstring)."""
+        """CPU inference on at most window_max_batch rows (see the module docstring),
+        outside autocast (which casts the weights per region: the row layout op runs then)."""
         if not (self.inference_layout and x.is_cpu and x.numel() <= self.window_max_batch * self.in_features):
+            return False
+        if _autocast_enabled("cpu"):
             return False
         return not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 

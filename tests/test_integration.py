@@ -1,0 +1,84 @@
+"""condensed_ops where PyTorch users put it: autocast, distributed data parallel,
+transformer layers, export."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import condensed_ops
+from condensed_ops.masks import constant_fan_in_mask
+from conftest import make_sample, QUICK_SPECS, reference_condensed_linear
+
+
+def _mlp(hidden=96, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 5))
+    condensed_ops.condense(model, masks={"2": constant_fan_in_mask(hidden, hidden, 12)}, min_weights=0)
+    assert isinstance(model[2], condensed_ops.CondensedLinear)
+    return model
+
+
+# ---- autocast -----------------------------------------------------------------------------
+
+
+def test_autocast_runs_the_op_in_the_autocast_dtype():
+    x, values, idx, bias = make_sample(QUICK_SPECS[1]).args
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = condensed_ops.condensed_linear(x, values, idx, bias)
+        mixed = condensed_ops.condensed_linear(x.bfloat16(), values, idx, bias)  # a bf16 activation, fp32 weights
+    expected = condensed_ops.condensed_linear(x.bfloat16(), values.bfloat16(), idx, bias.bfloat16())
+    assert y.dtype == mixed.dtype == torch.bfloat16
+    assert torch.equal(y, expected) and torch.equal(mixed, expected)
+
+
+def test_autocast_leaves_float64_alone():
+    x, values, idx, bias = make_sample(QUICK_SPECS[1], torch.float64).args
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = condensed_ops.condensed_linear(x, values, idx, bias)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, reference_condensed_linear(x, values, idx, bias))
+
+
+def test_autocast_gradients_reach_the_float32_weights():
+    x, values, idx, bias = make_sample(QUICK_SPECS[1]).args
+    values = values.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = condensed_ops.condensed_linear(x, values, idx, bias)
+    y.float().sum().backward()
+    assert values.grad is not None and values.grad.dtype == torch.float32
+    reference = values.detach().clone().requires_grad_()
+    condensed_ops.condensed_linear(x.bfloat16(), reference.bfloat16(), idx, bias.bfloat16()).float().sum().backward()
+    torch.testing.assert_close(values.grad, reference.grad)
+
+
+def test_a_model_trains_under_autocast():
+    model = _mlp()
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(64, 32, generator=g), torch.randint(0, 5, (64,), generator=g)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            assert logits.dtype == torch.bfloat16
+            loss = F.cross_entropy(logits.float(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert model[2].values.dtype == torch.float32
+    assert losses[-1] < 0.5 * losses[0]
+    # Inference on one row under autocast: the row layout (the window layout holds float32 weights).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        one = model(x[:1])
+    assert one.dtype == torch.bfloat16
+
+
+def test_compiled_model_under_autocast(fresh_dynamo):
+    model = _mlp()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = model(x), compiled(x)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
