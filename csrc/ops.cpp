@@ -84,6 +84,13 @@ at::Tensor condensed_linear_autocast(const at::Tensor& x, const at::Tensor& valu
                                                      at::autocast::cached_cast(dtype, bias, kDevice));
 }
 
+// Modules keep int16 indices as bytes (DDP's backends cannot broadcast int16;
+// modules.py) and read them through a view. TorchScript cannot spell a dtype
+// view (Tensor.view(dtype)), so scripted modules call this op instead.
+at::Tensor index_view(const at::Tensor& storage, c10::SymIntArrayRef shape) {
+  return (storage.scalar_type() == at::kByte ? storage.view(at::kShort) : storage).view_symint(shape);
+}
+
 TORCH_LIBRARY(condensed_ops, m) {
   m.def("condensed_linear(Tensor x, Tensor values, Tensor idx, Tensor? bias=None) -> Tensor");
   // The backward ops, public so other autograd code (or a custom kernel) can reuse them.
@@ -96,6 +103,11 @@ TORCH_LIBRARY(condensed_ops, m) {
   m.def("pack_for_inference(Tensor values, Tensor idx, SymInt in_features, Tensor? active_rows=None, "
         "SymInt? out_features=None) -> Tensor");
   m.def("condensed_linear_packed(Tensor x, Tensor packed, SymInt out_features, Tensor? bias=None) -> Tensor");
+  m.def("index_view(Tensor(a) storage, SymInt[] shape) -> Tensor(a)");
+}
+
+TORCH_LIBRARY_IMPL(condensed_ops, CompositeImplicitAutograd, m) {
+  m.impl("index_view", &index_view);
 }
 
 TORCH_LIBRARY_IMPL(condensed_ops, AutocastCPU, m) {

@@ -1,22 +1,27 @@
 // Results derived from tensors (validated indices, W's column layout, the
-// window layout), kept while their source tensors are alive and unchanged.
+// window layout), kept while the memory they come from is alive and unchanged.
 //
-// An entry holds weak references to its sources (so no other tensor can take
-// their addresses while it lives), their version counters and data pointers:
-// an in-place change, a new storage (`t.data = ...`), a resize or the death of
-// a source makes it miss. Inference tensors have no version counter and are
-// never cached. Writes through `.data` views or numpy bypass version counters,
-// so whoever uses a cached result must stay memory safe without it (the
-// kernels check every index they read).
+// An entry is keyed by where its sources' data lives: storage, offset, dtype,
+// sizes and strides, so a fresh view of the same memory (a module that makes
+// its int16 view of a byte buffer on every call) finds it. It holds weak
+// references to the storages (no other tensor can take their memory while it
+// lives) and the sources' version counters, which views share with their
+// base: an in-place change through any of them, a new storage or resize, or
+// the storage's death makes it miss. Inference tensors have no version counter
+// and are never cached. Writes that bypass the version counter (through `.data`
+// or numpy) are not seen, so whoever uses a cached result must stay memory
+// safe without it (the kernels check every index they read).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Storage.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <array>
+#include <map>
 #include <mutex>
 #include <optional>
-#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace condensed_ops {
@@ -32,7 +37,7 @@ class TensorCache {
   std::optional<Value> find(const Sources& sources, const Key& key) {
     if (!cacheable(sources)) return std::nullopt;
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = entries_.find(sources[0]->unsafeGetTensorImpl());
+    const auto it = entries_.find(where(*sources[0]));
     if (it == entries_.end() || it->second.key != key) return std::nullopt;
     for (size_t i = 0; i < kSources; ++i) {
       if (!it->second.sources[i].matches(*sources[i])) return std::nullopt;
@@ -45,15 +50,16 @@ class TensorCache {
     Entry entry{{}, key, std::move(value)};
     for (size_t i = 0; i < kSources; ++i) entry.sources[i] = Source::of(*sources[i]);
     std::lock_guard<std::mutex> lock(mutex_);
-    // Drop entries whose sources died: their values (layouts) may be large.
-    for (auto it = entries_.begin(); it != entries_.end();) it = it->second.expired() ? entries_.erase(it) : ++it;
+    // Drop entries whose memory died: their values (layouts) may be large.
+    for (auto it = entries_.begin(); it != entries_.end();) it = it->second.expired() ? entries_.erase(it) : std::next(it);
     if (entries_.size() >= kMaxEntries) entries_.clear();
-    entries_.insert_or_assign(sources[0]->unsafeGetTensorImpl(), std::move(entry));
+    entries_.insert_or_assign(where(*sources[0]), std::move(entry));
   }
 
   void forget(const at::Tensor& first_source) {
+    if (!first_source.has_storage()) return;
     std::lock_guard<std::mutex> lock(mutex_);
-    entries_.erase(first_source.unsafeGetTensorImpl());
+    entries_.erase(where(first_source));
   }
 
   void clear() {
@@ -68,32 +74,37 @@ class TensorCache {
 
  private:
   static constexpr size_t kMaxEntries = 4096;
+  using Where = std::pair<const c10::StorageImpl*, int64_t>;
+
+  static Where where(const at::Tensor& t) { return {t.storage().unsafeGetStorageImpl(), t.storage_offset()}; }
 
   static bool cacheable(const Sources& sources) {
     for (const at::Tensor* t : sources) {
-      if (t->defined() && t->is_inference()) return false;
+      if (t->defined() && (t->is_inference() || !t->has_storage())) return false;
     }
     return sources[0]->defined();
   }
 
   struct Source {
     bool defined = false;
-    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
+    int64_t offset = 0;
+    at::ScalarType dtype = at::ScalarType::Undefined;
+    std::vector<int64_t> sizes, strides;
     int64_t version = -1;
     const void* data = nullptr;
-    std::vector<int64_t> sizes, strides;  // in-place metadata changes (as_strided_) keep the version
 
     static Source of(const at::Tensor& t) {
       if (!t.defined()) return Source{};
-      return Source{true, c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()),
-                    int64_t(t._version()), t.const_data_ptr(), t.sizes().vec(), t.strides().vec()};
+      return Source{true,           t.storage().getWeakStorageImpl(), t.storage_offset(), t.scalar_type(),
+                    t.sizes().vec(), t.strides().vec(),               int64_t(t._version()), t.const_data_ptr()};
     }
-    bool expired() const { return defined && impl.expired(); }
+    bool expired() const { return defined && storage.expired(); }
     bool matches(const at::Tensor& t) const {
       if (!defined || !t.defined()) return defined == t.defined();
-      return !impl.expired() && impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
-             version == int64_t(t._version()) && data == t.const_data_ptr() && t.sizes() == sizes &&
-             t.strides() == strides;
+      return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+             offset == t.storage_offset() && dtype == t.scalar_type() && t.sizes() == sizes && t.strides() == strides &&
+             version == int64_t(t._version()) && data == t.const_data_ptr();
     }
   };
 
@@ -110,7 +121,7 @@ class TensorCache {
   };
 
   std::mutex mutex_;
-  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+  std::map<Where, Entry> entries_;
 };
 
 }  // namespace condensed_ops

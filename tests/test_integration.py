@@ -1,6 +1,11 @@
 """condensed_ops where PyTorch users put it: autocast, distributed data parallel,
 transformer layers, export."""
 
+import pathlib
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,3 +87,24 @@ def test_compiled_model_under_autocast(fresh_dynamo):
         expected, actual = model(x), compiled(x)
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+# ---- distributed data parallel --------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_gloo_processes_keep_identical_condensed_and_srigl_models(tmp_path):
+    worker = pathlib.Path(__file__).with_name("ddp_worker.py")
+    result = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "DDP OK" in result.stdout, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for part in ("condensed", "dense", "masks", "fsdp"):
+        first, second = ranks[0][part], ranks[1][part]
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{part}.{key} differs between ranks"
+    assert ranks[0]["condensed"]["0.idx"].dtype == torch.int16  # the default index dtype, broadcast as bytes
+    assert ranks[0]["masks"]["0"].float().mean() < 0.5  # SRigL's masks, not all-ones
+    assert "condense the model first, then wrap it" in ranks[0]["refused"]
+    losses = ranks[0]["fsdp_losses"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

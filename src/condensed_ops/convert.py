@@ -137,6 +137,26 @@ def _skip_reason(name: str, module: nn.Module, shared_parameters: Mapping[int, i
     return None
 
 
+def _refuse_distributed_wrappers(model: nn.Module, caller: str) -> None:
+    """DDP and FSDP track the parameters that existed when they wrapped the model:
+    swapping layers inside them would leave the new parameters unsynchronised."""
+    wrappers: Tuple[type, ...] = ()
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrappers = (DistributedDataParallel, FullyShardedDataParallel, FSDPModule)
+    except ImportError:  # a torch built without distributed support
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, wrappers):
+            where = f"{name!r} is" if name else "the model is"
+            raise ValueError(
+                f"{caller}: {where} wrapped in {type(module).__name__}, which tracks the parameters that existed when "
+                "it wrapped them; condense the model first, then wrap it"
+            )
+
+
 def condense(
     model: nn.Module,
     max_density: float = 0.5,
@@ -172,6 +192,8 @@ def condense(
       whose parameters are shared with another module (the swap would break them).
 
     A module reachable under several names is converted once and replaced at every one.
+    Condense before wrapping the model in DistributedDataParallel or FSDP (a wrapped
+    model raises ValueError: the wrapper would not synchronise the new parameters).
 
     Args:
         model: the model; its layers are found by ``named_modules()``.
@@ -189,6 +211,7 @@ def condense(
         raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
     if min_weights < 0:
         raise ValueError(f"min_weights must be >= 0, got {min_weights!r}")
+    _refuse_distributed_wrappers(model, "condense")
     masks = dict(masks or {})
     if not inplace:
         model = copy.deepcopy(model)
@@ -273,6 +296,7 @@ def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: b
 
     Returns ``model``, changed in place.
     """
+    _refuse_distributed_wrappers(model, "load_condensed")
     condensed_names = [key[: -len(".values")] for key in state_dict if key.endswith(".values")]
     for name in condensed_names:
         try:

@@ -165,6 +165,12 @@ def _state_problems(module: "CondensedLayer", state: Dict[str, Any], prefix: str
     return problems
 
 
+def _index_view(storage: Tensor, shape: List[int]) -> Tensor:
+    """The index tensor ``[active_neurons, fan_in]`` a module stores in ``storage``
+    (int16 indices as a flat run of bytes)."""
+    return storage.view(dtype=torch.int16).view(shape) if storage.dtype == torch.uint8 else storage
+
+
 def _describe(t: object) -> str:
     return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
@@ -200,7 +206,9 @@ class CondensedLayer(nn.Module):
 
     Attributes:
         values: Parameter ``[active_neurons, fan_in]``.
-        idx: buffer ``[active_neurons, fan_in]``, the column of each value, ascending per row.
+        idx: ``[active_neurons, fan_in]``, the column of each value, ascending per row;
+            saved as ``idx`` in the state dict and stored in the buffer ``idx_storage``
+            (int16 indices as bytes, which distributed backends can broadcast).
         bias: Parameter ``[out_features]`` or None; ablated neurons keep theirs.
         active_rows: int64 buffer ``[active_neurons]``, or None when no row is ablated.
         ablated_rows, output_order: derived from ``active_rows`` (not saved): the
@@ -221,6 +229,7 @@ class CondensedLayer(nn.Module):
     padded_entries: int
     inference_layout: bool
     window_max_batch: int
+    __jit_ignored_attributes__ = ["idx"]
 
     def __init__(
         self,
@@ -248,7 +257,7 @@ class CondensedLayer(nn.Module):
         self.inference_layout = True
         self.window_max_batch = _WINDOW_MAX_BATCH
         self.values = nn.Parameter(torch.empty(active_neurons, fan_in, device=device, dtype=dtype))
-        self.register_buffer("idx", torch.empty(active_neurons, fan_in, device=device, dtype=index_dtype))
+        self._set_idx(torch.empty(active_neurons, fan_in, device=device, dtype=index_dtype))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
@@ -288,7 +297,47 @@ class CondensedLayer(nn.Module):
         if prefix + "values" in state_dict:
             self._take_sizes(state_dict[prefix + "values"].shape, state_dict.get(prefix + "active_rows"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # idx is saved under its own name, not as the buffer that stores it (_set_idx).
+        key = prefix + "idx"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key in state_dict:
+            loaded = state_dict[key]
+            with torch.no_grad():
+                if local_metadata.get("assign_to_params_buffers", False):
+                    self._set_idx(loaded.to(self.idx.dtype))
+                else:
+                    self.idx.copy_(loaded)
+        elif strict:
+            missing_keys.append(key)
         self._derive_output_order()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "idx"] = self.idx if keep_vars else self.idx.detach()
+
+    def _set_idx(self, idx: Tensor) -> None:
+        """Stores idx in the buffer ``idx_storage``, int16 as its bytes: the
+        backends of DistributedDataParallel (gloo, NCCL) cannot broadcast int16,
+        while ``idx`` stays the int16 view every op reads (the same tensor on every
+        call, so the validation and layout caches keep their entries)."""
+        storage = idx.contiguous().view(-1).view(torch.uint8) if idx.dtype == torch.int16 else idx
+        self.register_buffer("idx_storage", storage, persistent=False)
+        self.idx = _index_view(storage, idx.shape)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.idx = _index_view(self.idx_storage, self.values.shape)  # the buffer may be a new tensor now (.to(device))
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("idx", None)  # a view of idx_storage: rebuilt on load (pickling refuses two dtypes of one storage)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.idx = _index_view(self.idx_storage, self.values.shape)
 
     @torch.no_grad()
     def _take_sizes(self, shape: torch.Size, active_rows: Optional[Tensor]) -> None:
@@ -296,7 +345,7 @@ class CondensedLayer(nn.Module):
         active_neurons, fan_in = int(shape[0]), int(shape[1])
         if (active_neurons, fan_in) != tuple(self.values.shape):
             self.values = nn.Parameter(self.values.new_empty(active_neurons, fan_in), requires_grad=self.values.requires_grad)
-            self.idx = self.idx.new_zeros(active_neurons, fan_in)
+            self._set_idx(self.idx.new_zeros(active_neurons, fan_in))
         self.active_neurons, self.fan_in = active_neurons, fan_in
         if active_rows is None:
             self.active_rows = None
@@ -344,21 +393,31 @@ class CondensedLayer(nn.Module):
             raise ValueError(f"expected input [..., {in_features}], got shape {list(x.shape)}")
         bias = self.bias
         values = self.values
+        idx = self._index_tensor()
         if self._uses_window_layout(x, values, bias):
             # All outputs in order; ablated neurons are empty lanes that output their bias.
-            packed = torch.ops.condensed_ops.pack_for_inference(values, self.idx, in_features, self.active_rows, self.out_features)
+            packed = torch.ops.condensed_ops.pack_for_inference(values, idx, in_features, self.active_rows, self.out_features)
             return torch.ops.condensed_ops.condensed_linear_packed(x, packed, self.out_features, bias)
         active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
         if active_rows is None or ablated_rows is None or output_order is None:
-            return condensed_linear(x, values, self.idx, bias)
+            return condensed_linear(x, values, idx, bias)
         # The kernel computes the active rows only; ablated neurons output their bias (or 0).
-        active_out = condensed_linear(x, values, self.idx, None if bias is None else bias.index_select(0, active_rows))
+        active_out = condensed_linear(x, values, idx, None if bias is None else bias.index_select(0, active_rows))
         ablated_shape: List[int] = list(active_out.shape[:-1])
         ablated_shape.append(ablated_rows.numel())
         ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
         # One gather along the last dim puts the neurons back in order: about twice
         # as fast as index_copy into a [..., out_features] tensor at batch 256.
         return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
+
+    def _index_tensor(self) -> Tensor:
+        """``idx`` for the ops. TorchScript keeps no ``idx`` attribute (torch.jit.save
+        would give the view the storage's dtype) and makes the view anew with an op
+        (it cannot spell ``view(dtype)``); the ops' caches key on the memory, so a
+        fresh view still finds them."""
+        if torch.jit.is_scripting():
+            return torch.ops.condensed_ops.index_view(self.idx_storage, self.values.shape)
+        return self.idx
 
     def _uses_window_layout(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
         """CPU inference on at most window_max_batch rows (see the module docstring),
