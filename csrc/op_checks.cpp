@@ -58,10 +58,12 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
                     "'s device (", reference.device(), "), got ", t.device());
 }
 
-void check_in_features(const char* op, int64_t in_features) {
+// `what` names where in_features comes from: "in_features (x's last dimension)"
+// for ops that take x, "in_features" for those that take it as an argument.
+void check_in_features(const char* op, int64_t in_features, const char* what = "in_features (x's last dimension)") {
   // Indices travel as int32 inside the kernels.
   TORCH_CHECK_VALUE(in_features >= 0 && in_features <= std::numeric_limits<int32_t>::max(),
-                    op, ": in_features (x's last dimension) must be in [0, 2^31), got ", in_features);
+                    op, ": ", what, " must be in [0, 2^31), got ", in_features);
 }
 
 // bias: [out_features] in dtype_source's dtype (values', or x's where there is no values), on x's device.
@@ -102,7 +104,7 @@ void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at
                    dtype_name(values.scalar_type()), "), got ", dtype_name(grad_y.scalar_type()));
   check_same_device(op, "values", values, grad_y, "grad_y");
   check_same_device(op, "idx", idx, grad_y, "grad_y");
-  check_in_features(op, in_features);
+  check_in_features(op, in_features, "in_features");
 }
 
 void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx) {
@@ -125,7 +127,7 @@ void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t 
   constexpr const char* op = "pack_for_inference";
   check_weight_layout(op, values, idx);
   check_same_device(op, "idx", idx, values, "values");
-  check_in_features(op, in_features);
+  check_in_features(op, in_features, "in_features");
   if (active_rows.has_value()) {
     const at::Tensor& rows = *active_rows;
     TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, op, ": active_rows must be int64, got ",

@@ -292,3 +292,48 @@ def test_all_meta_inputs_give_a_meta_result():
     y = condensed_ops.condensed_linear(*args)
     assert y.device.type == "meta" and y.shape == (3, 4) and y.dtype == torch.float32
 
+
+
+# ---- rough edges users meet first ---------------------------------------------------------
+
+
+def test_a_list_for_x_is_a_type_error_naming_x():
+    _, values, idx, bias = good_args()
+    with pytest.raises(TypeError, match="condensed_linear: x must be a torch.Tensor, got list"):
+        condensed_ops.condensed_linear([[0.0] * IN_FEATURES], values, idx, bias)
+    with pytest.raises(TypeError, match="idx must be a torch.Tensor, got tuple"):
+        condensed_ops.condensed_linear(torch.randn(2, IN_FEATURES), values, (1, 2), bias)
+
+
+def test_x_narrower_than_the_largest_index_says_so():
+    x, values, idx, bias = good_args()
+    with pytest.raises(IndexError, match=r"is outside \[0, in_features=5\) \(in_features is x's last dimension: is x narrower"):
+        condensed_ops.condensed_linear(x[:, :5], values, idx.clamp(min=5), bias)
+
+
+def test_grad_input_names_its_in_features_argument():
+    _, values, idx, _ = good_args()
+    with pytest.raises(ValueError, match=r"in_features must be in \[0, 2\^31\), got -1") as info:
+        torch.ops.condensed_ops.condensed_linear_grad_input(torch.randn(2, 4), values, idx, -1)
+    assert "x's last dimension" not in str(info.value)
+
+
+def test_layer_densities_names_a_bad_sparsity():
+    with pytest.raises(TypeError, match="sparsity must be a number"):
+        condensed_ops.masks.layer_densities(torch.nn.Linear(4, 4), None)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        condensed_ops.masks.layer_densities(torch.nn.Linear(4, 4), 1.5)
+
+
+def test_masks_module_lists_its_api():
+    names = dir(condensed_ops.masks)
+    assert names == sorted(condensed_ops.masks.__all__) and "math" not in names and "nn" not in names
+
+
+def test_a_missing_extension_says_how_to_build_it():
+    # As in a source tree that was never built: importing the compiled module fails.
+    script = "import sys; sys.modules['condensed_ops._C'] = None; import condensed_ops"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "the compiled extension condensed_ops._C is missing" in result.stderr
+    assert "pip install --no-build-isolation" in result.stderr and "circular import" not in result.stderr

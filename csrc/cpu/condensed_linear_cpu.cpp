@@ -59,7 +59,10 @@ TensorCache<int64_t>& validated_indices() {
   return cache;
 }
 
-[[noreturn]] void raise_index_error(const at::Tensor& idx, int64_t in_features) {
+// Where in_features came from, for the message: x's width, or an argument.
+enum class Width { OfX, Argument };
+
+[[noreturn]] void raise_index_error(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
   validated_indices().forget(idx);
   const at::Tensor contiguous = idx.contiguous();
   const int64_t n = contiguous.numel();
@@ -71,7 +74,8 @@ TensorCache<int64_t>& validated_indices() {
   }
   TORCH_CHECK_INDEX(bad < 0, "condensed_linear: idx[", bad / std::max<int64_t>(1, idx.size(1)), ", ",
                     bad % std::max<int64_t>(1, idx.size(1)), "] = ", contiguous.view(-1)[std::max<int64_t>(0, bad)].item<int64_t>(),
-                    " is outside [0, in_features=", in_features, ")");
+                    " is outside [0, in_features=", in_features, ")",
+                    width == Width::OfX ? " (in_features is x's last dimension: is x narrower than the layer?)" : "");
   // A kernel met a bad index that is gone now: idx changed while the op ran.
   TORCH_CHECK_INDEX(false, "condensed_linear: idx held an index outside [0, in_features=", in_features,
                     ") while the op ran (was it modified concurrently?)");
@@ -80,7 +84,7 @@ TensorCache<int64_t>& validated_indices() {
 // The one validation decision: raises IndexError naming the first entry of idx
 // outside [0, in_features) unless this tensor, at this version, passed
 // before; returns the kernels' contiguous int16/int32 indices.
-at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features) {
+at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
   const auto bound = validated_indices().find({&idx}, 0);
   if (!bound || *bound > in_features) {
     const at::Tensor contiguous = idx.contiguous();
@@ -93,7 +97,7 @@ at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features) {
         case at::kInt: bad = k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features); break;
         default: bad = k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features); break;
       }
-      if (bad >= 0) raise_index_error(idx, in_features);
+      if (bad >= 0) raise_index_error(idx, in_features, width);
       highest = in_features - 1;  // every entry is below in_features: enough for any later call
     }
     validated_indices().insert({&idx}, 0, highest + 1);
@@ -232,7 +236,7 @@ ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64
       });
     });
   });
-  if (!inside) raise_index_error(idx, in_features);
+  if (!inside) raise_index_error(idx, in_features, Width::Argument);
   column_layouts().insert({&idx}, in_features, layout);
   return layout;
 }
@@ -318,7 +322,7 @@ at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::T
                                            int64_t in_features) {
   check_condensed_linear_grad_input_inputs(grad_y, values, idx, in_features);
   at::Tensor grad_x = at::empty(grad_input_shape(grad_y, in_features), grad_y.options());
-  const at::Tensor idx_k = prepare_indices(idx, in_features);
+  const at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
   if (grad_x.numel() == 0) return grad_x;
   const int64_t out_features = values.size(0);
   const int64_t entries = values.numel();
@@ -442,7 +446,7 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
       &values, &idx, active_rows.has_value() ? &*active_rows : &no_tensor};
   const std::array<int64_t, 3> key{in_features, outputs, window};
   if (auto cached = window_layouts().find(sources, key)) return *cached;
-  const at::Tensor idx_k = prepare_indices(idx, in_features);
+  const at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
   const std::vector<int64_t> source_row = source_rows(active_rows, values.size(0), outputs);
   const at::Tensor values_c = values.contiguous();
   at::Tensor blob;

@@ -8,7 +8,14 @@ weights (``values [out, k]``) and the input columns they read (``idx [out, k]``)
 
 import torch  # noqa: F401  -- loads libtorch before the extension that links it
 
-from . import _C  # noqa: F401  -- registers torch.ops.condensed_ops.*
+try:
+    from . import _C  # noqa: F401  -- registers torch.ops.condensed_ops.*
+except ImportError as error:  # a source tree that was never built
+    raise ImportError(
+        "condensed_ops: the compiled extension condensed_ops._C is missing or does not load "
+        f"({error}). Build and install the package against the installed torch: "
+        "pip install scikit-build-core pybind11 && pip install --no-build-isolation -e ."
+    ) from error
 from . import masks, srigl
 from .convert import CondenseReport, condense, load_condensed
 from .layout import to_condensed, to_dense

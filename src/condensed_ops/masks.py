@@ -99,6 +99,8 @@ def layer_densities(
         exclude: layer names left out: they stay dense and do not count towards
             the total (e.g. a final classifier).
     """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"layer_densities: sparsity must be a number in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if method not in DENSITY_METHODS:
@@ -231,3 +233,7 @@ __all__ = [
     "pad_to_constant_fan_in",
     "sparsifiable_layers",
 ]
+
+
+def __dir__():  # what tab completion shows: the API, not the imports
+    return sorted(__all__)

@@ -28,7 +28,17 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
     Differentiable in ``x``, ``values`` and ``bias`` (the backward is registered
     in C++, so it also works in TorchScript models loaded without this package).
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("condensed_linear", x=x, values=values, idx=idx, bias=bias)
     return torch.ops.condensed_ops.condensed_linear(x, values, idx, bias)
+
+
+@torch.jit.unused
+def _check_tensors(op: str, **arguments: object) -> None:
+    """TypeError naming the first argument that is not a tensor (None allowed for bias)."""
+    for name, value in arguments.items():
+        if not isinstance(value, Tensor) and not (name == "bias" and value is None):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def pack_for_inference(
@@ -59,6 +69,8 @@ def pack_for_inference(
 
     Validates ``idx`` like :func:`condensed_linear` (IndexError naming the entry). CPU only.
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("pack_for_inference", values=values, idx=idx)
     return torch.ops.condensed_ops.pack_for_inference(values, idx, in_features, active_rows, out_features)
 
 
@@ -75,6 +87,8 @@ def condensed_linear_packed(x: Tensor, packed: Tensor, out_features: int, bias: 
     Fastest for a few batch rows (``condensed_ops._C.WINDOW_MAX_BATCH``); correct for
     any. Not differentiable: the layout is for inference. CPU only.
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("condensed_linear_packed", x=x, packed=packed, bias=bias)
     return torch.ops.condensed_ops.condensed_linear_packed(x, packed, out_features, bias)
 
 
