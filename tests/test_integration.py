@@ -108,3 +108,52 @@ def test_two_gloo_processes_keep_identical_condensed_and_srigl_models(tmp_path):
     assert "condense the model first, then wrap it" in ranks[0]["refused"]
     losses = ranks[0]["fsdp_losses"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+# ---- ONNX export --------------------------------------------------------------------------------
+
+
+def _export_and_run(model, x, dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=dynamo)
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    session = ort.InferenceSession(buffer.getvalue())
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out), {node.domain for node in graph.node}, {node.op_type for node in graph.node}
+
+
+def _exportable_models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    mask = constant_fan_in_mask(64, 32, 4)
+    mask[3] = False  # an ablated neuron
+    condensed_ops.condense(mlp, masks={"0": mask}, min_weights=0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    condensed_ops.condense(conv, masks={"0": constant_fan_in_mask(8, 27, 5).view(8, 3, 3, 3)}, min_weights=0)
+    return {"mlp": (mlp.eval(), torch.randn(3, 32)), "mlp_one_row": (mlp.eval(), torch.randn(1, 32)), "conv": (conv.eval(), torch.randn(2, 3, 6, 6))}
+
+
+@pytest.mark.parametrize("form", ["gather", "dense"])
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_one_row", "conv"])
+def test_onnx_export_runs_in_onnxruntime(name, dynamo, form):
+    model, x = _exportable_models()[name]
+    with condensed_ops.onnx_export_as(form):
+        out, domains, ops = _export_and_run(model, x, dynamo)
+    assert domains <= {""}, f"non-standard ONNX domains {domains}"  # standard operators only
+    if form == "gather":
+        assert {"Gather", "Mul", "ReduceSum"} <= ops, ops
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_form_is_checked_and_restored():
+    with pytest.raises(ValueError, match="form must be one of"):
+        condensed_ops.onnx_export_as("sparse")
+    with condensed_ops.onnx_export_as("dense"):
+        assert condensed_ops.ops._onnx_form == "dense"
+    assert condensed_ops.ops._onnx_form == "gather"

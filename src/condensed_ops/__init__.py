@@ -20,7 +20,7 @@ from . import masks, srigl
 from .convert import CondenseReport, condense, load_condensed
 from .layout import to_condensed, to_dense
 from .modules import CondensedConv2d, CondensedLinear
-from .ops import condensed_linear, condensed_linear_packed, pack_for_inference
+from .ops import condensed_linear, condensed_linear_packed, onnx_export_as, pack_for_inference
 
 __version__: str = _C.__version__
 
@@ -33,6 +33,7 @@ __all__ = [
     "condensed_linear_packed",
     "load_condensed",
     "masks",
+    "onnx_export_as",
     "pack_for_inference",
     "srigl",
     "to_condensed",

@@ -175,6 +175,12 @@ def _describe(t: object) -> str:
     return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
 
+def _exporting_to_onnx() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    return torch.onnx.is_in_onnx_export()
+
+
 def _autocast_enabled(device_type: str) -> bool:
     if torch.jit.is_scripting():
         # TorchScript has no torch.amp autocast here (torch.is_autocast_cpu_enabled()
@@ -422,9 +428,9 @@ class CondensedLayer(nn.Module):
     def _uses_window_layout(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
         """CPU inference on at most window_max_batch rows (see the module docstring),
         outside autocast (which casts the weights per region: the row layout op runs then)."""
-        if not (self.inference_layout and x.is_cpu and x.numel() <= self.window_max_batch * self.in_features):
+        if not self.inference_layout or not x.is_cpu or _exporting_to_onnx() or _autocast_enabled("cpu"):
             return False
-        if _autocast_enabled("cpu"):
+        if x.numel() > self.window_max_batch * self.in_features:
             return False
         return not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 

@@ -30,7 +30,56 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
     """
     if not torch.jit.is_scripting():
         _check_tensors("condensed_linear", x=x, values=values, idx=idx, bias=bias)
+        if torch.onnx.is_in_onnx_export():
+            return _condensed_linear_in_standard_ops(x, values, idx, bias)
     return torch.ops.condensed_ops.condensed_linear(x, values, idx, bias)
+
+
+# How torch.onnx.export writes condensed_linear (see onnx_export_as).
+_ONNX_FORMS = ("gather", "dense")
+_onnx_form = "gather"
+
+
+@torch.jit.unused
+def _condensed_linear_in_standard_ops(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The op in operators every ONNX runtime has: Gather + Mul + ReduceSum, or a
+    dense MatMul of the scattered weight."""
+    if _onnx_form == "dense":
+        weight = torch.zeros(values.shape[0], x.shape[-1], dtype=values.dtype).scatter_add(1, idx.long(), values)
+        return torch.nn.functional.linear(x, weight, bias)
+    y = (x[..., idx.long()] * values).sum(-1)  # x[..., idx]: [..., out, fan_in]
+    return y if bias is None else y + bias
+
+
+class onnx_export_as:
+    """Context manager choosing how ``torch.onnx.export`` writes condensed layers
+    (both in standard ONNX operators that onnxruntime runs):
+
+    - ``"gather"`` (the default): Gather of ``x``'s columns, Mul by the values, ReduceSum;
+      the model keeps its sparse size.
+    - ``"dense"``: the weight scattered to dense (at export) and one MatMul; faster in
+      runtimes with a fast GEMM, the size of the dense model.
+
+    ::
+
+        with condensed_ops.onnx_export_as("dense"):
+            torch.onnx.export(model, (x,), "model.onnx")
+    """
+
+    def __init__(self, form: str) -> None:
+        if form not in _ONNX_FORMS:
+            raise ValueError(f"onnx_export_as: form must be one of {_ONNX_FORMS}, got {form!r}")
+        self.form = form
+        self._previous = _onnx_form
+
+    def __enter__(self) -> "onnx_export_as":
+        global _onnx_form
+        self._previous, _onnx_form = _onnx_form, self.form
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _onnx_form
+        _onnx_form = self._previous
 
 
 @torch.jit.unused
