@@ -100,6 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
          "fsdp": fsdp_state, "fsdp_losses": fsdp_losses},
         f"{out_dir}/rank{rank}.pt",
     )
+    dist.barrier()  # no rank tears down gloo while the other still communicates
     dist.destroy_process_group()
 
 

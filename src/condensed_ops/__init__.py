@@ -17,6 +17,7 @@ except ImportError as error:  # a source tree that was never built
         "pip install scikit-build-core pybind11 && pip install --no-build-isolation -e ."
     ) from error
 from . import masks, srigl
+from .attention import CondensedMultiheadAttention
 from .convert import CondenseReport, condense, load_condensed
 from .layout import to_condensed, to_dense
 from .modules import CondensedConv2d, CondensedLinear
@@ -27,6 +28,7 @@ __version__: str = _C.__version__
 __all__ = [
     "CondenseReport",
     "CondensedConv2d",
+    "CondensedMultiheadAttention",
     "CondensedLinear",
     "condense",
     "condensed_linear",

@@ -4,11 +4,20 @@ condensed modules, and report what was converted and what was not, and why."""
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .attention import (
+    PROJECTIONS,
+    CondensedMultiheadAttention,
+    attention_projections,
+    attention_unsupported_reason,
+    dense_projection,
+    projection_masks,
+)
+from .masks import _attention_projections as _attention_projection_names
 from .modules import (
     CondensedConv2d,
     CondensedLayer,
@@ -123,17 +132,23 @@ def _display_name(name: str) -> str:
 
 
 def _skip_reason(name: str, module: nn.Module, shared_parameters: Mapping[int, int]) -> Optional[str]:
-    """Why ``module`` cannot be swapped regardless of its weights, or None."""
+    """Why the Linear / Conv2d ``module`` cannot be swapped regardless of its weights, or None."""
     if type(module) not in _CONVERTIBLE_TYPES:
         return f"a subclass ({type(module).__name__}) may behave differently or have its weight read by its owner"
+    reason = _swap_blocker(name, module, shared_parameters)
+    if reason is None and isinstance(module, nn.Conv2d):
+        return conv2d_unsupported_reason(module)
+    return reason
+
+
+def _swap_blocker(name: str, module: nn.Module, shared_parameters: Mapping[int, int]) -> Optional[str]:
+    """What a swap of ``module`` (any kind) would break, or None."""
     if not name:
-        return "the model is itself the layer: use CondensedLinear.from_linear / CondensedConv2d.from_conv2d"
+        return "the model is itself the layer: convert it with its class's from_* method"
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return "has hooks (e.g. spectral or weight norm) that the swap would drop"
     if any(shared_parameters[id(p)] > 1 for p in module.parameters(recurse=False)):
         return "its weight or bias is shared with another module (tied)"
-    if isinstance(module, nn.Conv2d):
-        return conv2d_unsupported_reason(module)
     return None
 
 
@@ -218,7 +233,7 @@ def condense(
     names_of: Dict[int, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(name)
-    unknown = set(masks) - {name for names in names_of.values() for name in names}
+    unknown = set(masks) - {name for names in names_of.values() for name in names} - set(_attention_projection_names(model))
     if unknown:
         raise ValueError(f"masks names modules the model does not have: {sorted(unknown)}")
     # Owners per parameter, each module counted once: a module reachable under
@@ -226,27 +241,28 @@ def condense(
     shared_parameters = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
 
     report = CondenseReport(model=model)
-    replacements: List[Tuple[List[str], CondensedLayer]] = []
+    thresholds = _Thresholds(max_density, max_padding, min_weights)
+    replacements: List[Tuple[List[str], nn.Module]] = []
+    inside_converted: List[str] = []  # the attention modules swapped whole: their out_proj goes with them
     for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside_converted):
+            continue
+        names = names_of[id(module)]
+        if isinstance(module, nn.MultiheadAttention):
+            swapped = _condense_attention(name, module, masks, thresholds, shared_parameters, index_dtype, report)
+            if swapped is not None:
+                replacements.append((names, swapped))
+                inside_converted.append(name)
+            continue
         if not isinstance(module, _CONVERTIBLE_TYPES):
             continue
         kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
-        names = names_of[id(module)]
         reason = _skip_reason(name, module, shared_parameters)
         mask = next((masks[n] for n in names if n in masks), None)
         plan: Optional[RowPlan] = None
         if reason is None:
             plan = plan_rows(module.weight, mask)
-            weights = plan.out_features * plan.in_features
-            if kind == "Linear" and weights < min_weights:
-                reason = f"too small to gain at batch 1: {weights} weights < min_weights {min_weights}"
-            elif plan.density > max_density:
-                reason = f"too dense to gain: density {plan.density:.3f} > max_density {max_density}"
-            elif plan.padding_fraction > max_padding:
-                reason = (
-                    f"uneven fan-in: padding would be {100 * plan.padding_fraction:.1f}% of the stored entries "
-                    f"> max_padding {100 * max_padding:.0f}%"
-                )
+            reason = thresholds.reason_to_skip(plan, kind)
         if reason is not None:
             report.skipped.append(SkippedLayer(_display_name(name), kind, reason))
             continue
@@ -257,27 +273,126 @@ def condense(
             condensed = CondensedConv2d._from_plan(module, plan, index_dtype)
         condensed.train(module.training)
         replacements.append((names, condensed))
-        report.converted.append(
-            ConvertedLayer(
-                name=name,
-                kind=kind,
-                out_features=plan.out_features,
-                in_features=plan.in_features,
-                fan_in=plan.fan_in,
-                density=plan.density,
-                ablated_neurons=plan.ablated_neurons,
-                padded_entries=plan.padded_entries,
-                padding_fraction=plan.padding_fraction,
-                dense_bytes=sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)),
-                condensed_bytes=condensed.storage_bytes(),
-            )
-        )
+        report.converted.append(_converted(name, kind, plan, module.parameters(recurse=False), condensed))
     # Swap after the walk: named_modules must not see the model change under it.
     for names, condensed in replacements:
         for name in names:
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attribute, condensed)
+            _swap(model, name, condensed)
+    _leave_dense_fast_paths(model)
     return report
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    max_density: float
+    max_padding: float
+    min_weights: int
+
+    def reason_to_skip(self, plan: RowPlan, kind: str) -> Optional[str]:
+        weights = plan.out_features * plan.in_features
+        if kind == "Linear" and weights < self.min_weights:
+            return f"too small to gain at batch 1: {weights} weights < min_weights {self.min_weights}"
+        if plan.density > self.max_density:
+            return f"too dense to gain: density {plan.density:.3f} > max_density {self.max_density}"
+        if plan.padding_fraction > self.max_padding:
+            return (
+                f"uneven fan-in: padding would be {100 * plan.padding_fraction:.1f}% of the stored entries "
+                f"> max_padding {100 * self.max_padding:.0f}%"
+            )
+        return None
+
+
+def _converted(name: str, kind: str, plan: RowPlan, dense_tensors: Iterable[Tensor], condensed: CondensedLayer) -> ConvertedLayer:
+    return ConvertedLayer(
+        name=name,
+        kind=kind,
+        out_features=plan.out_features,
+        in_features=plan.in_features,
+        fan_in=plan.fan_in,
+        density=plan.density,
+        ablated_neurons=plan.ablated_neurons,
+        padded_entries=plan.padded_entries,
+        padding_fraction=plan.padding_fraction,
+        dense_bytes=sum(t.numel() * t.element_size() for t in dense_tensors if t is not None),
+        condensed_bytes=condensed.storage_bytes(),
+    )
+
+
+def _condense_attention(
+    name: str,
+    attention: nn.MultiheadAttention,
+    masks: Mapping[str, Tensor],
+    thresholds: _Thresholds,
+    shared_parameters: Mapping[int, int],
+    index_dtype: Optional[torch.dtype],
+    report: CondenseReport,
+) -> Optional[CondensedMultiheadAttention]:
+    """The attention with its projections condensed where they gain (the others
+    dense Linears), or None (reported) when none does or it cannot be swapped."""
+    reason = attention_unsupported_reason(attention) or _swap_blocker(name, attention, shared_parameters)
+    if reason is None and any(shared_parameters[id(p)] > 1 for p in attention.out_proj.parameters(recurse=False)):
+        reason = "its out_proj's weight or bias is shared with another module (tied)"
+    if reason is not None:
+        report.skipped.append(SkippedLayer(_display_name(name), "MultiheadAttention", reason))
+        return None
+    projection_mask = projection_masks(name, attention, masks)
+    projections: Dict[str, nn.Module] = {}
+    converted, skipped = [], []
+    for projection, (weight, bias) in attention_projections(attention).items():
+        full_name = f"{name}.{projection}" if name else projection
+        plan = plan_rows(weight, projection_mask[projection])
+        skip = thresholds.reason_to_skip(plan, "Linear")
+        if skip is not None:
+            projections[projection] = dense_projection(weight, bias)
+            skipped.append(SkippedLayer(full_name, "Linear", skip))
+            continue
+        condensed = CondensedLinear._from_plan(weight, bias, plan, index_dtype)
+        condensed.values.requires_grad_(weight.requires_grad)
+        if condensed.bias is not None and bias is not None:
+            condensed.bias.requires_grad_(bias.requires_grad)
+        projections[projection] = condensed
+        converted.append(_converted(full_name, "Linear", plan, (weight, bias), condensed))
+    report.skipped.extend(skipped)
+    if not converted:
+        return None
+    report.converted.extend(converted)
+    return CondensedMultiheadAttention.assemble(attention, projections)
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attribute, module)
+
+
+def _condensed_blank(name: str, state_dict: Mapping[str, Tensor], like: nn.Module, dtype: torch.dtype) -> CondensedLayer:
+    """A condensed module of ``like``'s shape, sized from the checkpoint's ``<name>.values``."""
+    values = state_dict[name + ".values"]
+    idx = state_dict.get(name + ".idx")
+    index_dtype = idx.dtype if isinstance(idx, Tensor) and idx.dtype in (torch.int16, torch.int32) else None
+    options = dict(active_neurons=values.shape[0], index_dtype=index_dtype, device=values.device, dtype=dtype)
+    if isinstance(like, nn.Linear):
+        return nn.utils.skip_init(CondensedLinear, like.in_features, like.out_features, values.shape[1], like.bias is not None, **options)
+    unsupported = conv2d_unsupported_reason(like)
+    if unsupported is not None:
+        raise ValueError(f"load_condensed: {name!r} cannot be condensed: {unsupported}")
+    return nn.utils.skip_init(
+        CondensedConv2d, like.in_channels, like.out_channels, like.kernel_size, values.shape[1], like.stride,
+        _explicit_padding(like), like.dilation, like.bias is not None, **options,
+    )
+
+
+def _leave_dense_fast_paths(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer / nn.TransformerEncoder have an inference fast
+    path that reads their dense weights (linear1.weight, in_proj_weight...): turn it
+    off where a part is condensed, through the flags that path itself checks."""
+    def condensed_inside(module: nn.Module) -> bool:
+        return any(isinstance(m, (CondensedLayer, CondensedMultiheadAttention)) for m in module.modules())
+
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and condensed_inside(module):
+            module.activation_relu_or_gelu = 0  # read only by the fast path
+        elif isinstance(module, nn.TransformerEncoder) and condensed_inside(module):
+            module.use_nested_tensor = False
 
 
 def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> nn.Module:
@@ -297,8 +412,26 @@ def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: b
     Returns ``model``, changed in place.
     """
     _refuse_distributed_wrappers(model, "load_condensed")
-    condensed_names = [key[: -len(".values")] for key in state_dict if key.endswith(".values")]
-    for name in condensed_names:
+    # Attention modules first: their projections are layers only once swapped.
+    for name, attention in list(model.named_modules()):
+        if not isinstance(attention, nn.MultiheadAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        if not any(f"{prefix}{projection}.values" in state_dict for projection in PROJECTIONS):
+            continue
+        unsupported = attention_unsupported_reason(attention)
+        if unsupported is not None:
+            raise ValueError(f"load_condensed: {name!r} cannot be condensed: {unsupported}")
+        projections: Dict[str, nn.Module] = {}
+        for projection, (weight, bias) in attention_projections(attention).items():
+            key = prefix + projection
+            projections[projection] = (
+                _condensed_blank(key, state_dict, nn.Linear(weight.shape[1], weight.shape[0], bias is not None), weight.dtype)
+                if key + ".values" in state_dict
+                else dense_projection(weight, bias)
+            )
+        _swap(model, name, CondensedMultiheadAttention.assemble(attention, projections))
+    for name in (key[: -len(".values")] for key in list(state_dict) if key.endswith(".values")):
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -307,25 +440,10 @@ def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: b
             continue  # already condensed: its load takes the sizes
         if type(module) not in _CONVERTIBLE_TYPES:
             raise ValueError(f"load_condensed: {name!r} is a {type(module).__name__}, not an nn.Linear or nn.Conv2d")
-        values = state_dict[name + ".values"]
-        idx = state_dict.get(name + ".idx")
-        index_dtype = idx.dtype if isinstance(idx, Tensor) and idx.dtype in (torch.int16, torch.int32) else None
-        options = dict(active_neurons=values.shape[0], index_dtype=index_dtype, device=values.device, dtype=module.weight.dtype)
-        if isinstance(module, nn.Linear):
-            condensed: CondensedLayer = nn.utils.skip_init(
-                CondensedLinear, module.in_features, module.out_features, values.shape[1], module.bias is not None, **options
-            )
-        else:
-            unsupported = conv2d_unsupported_reason(module)
-            if unsupported is not None:
-                raise ValueError(f"load_condensed: {name!r} cannot be condensed: {unsupported}")
-            condensed = nn.utils.skip_init(
-                CondensedConv2d, module.in_channels, module.out_channels, module.kernel_size, values.shape[1], module.stride,
-                _explicit_padding(module), module.dilation, module.bias is not None, **options,
-            )
+        condensed = _condensed_blank(name, state_dict, module, module.weight.dtype)
         condensed.train(module.training)
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, condensed)
+        _swap(model, name, condensed)
+    _leave_dense_fast_paths(model)
     model.load_state_dict(state_dict, strict=strict)
     return model
 

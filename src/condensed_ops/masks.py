@@ -58,18 +58,49 @@ def is_sparsifiable(module: nn.Module) -> bool:
 
 def sparsifiable_layers(model: nn.Module, exclude: Collection[str] = ()) -> Dict[str, nn.Module]:
     """``{name: module}`` of every sparsifiable layer of ``model`` not named in ``exclude``, in module order."""
-    unknown = set(exclude) - {name for name, _ in model.named_modules()}
+    unknown = set(exclude) - {name for name, _ in model.named_modules()} - set(_attention_projections(model))
     if unknown:
         raise ValueError(f"exclude names modules the model does not have: {sorted(unknown)}")
     return {name: module for name, module in model.named_modules() if is_sparsifiable(module) and name not in exclude}
+
+
+def _attention_projections(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The input projection weights of every ``nn.MultiheadAttention``, which are
+    parameters, not Linear layers: ``<name>.in_proj_weight`` ``[3 * embed_dim,
+    embed_dim]`` (q, k and v stacked), or ``<name>.q_proj_weight`` / ``k_`` / ``v_``
+    when keys or values have other widths. (``<name>.out_proj`` is a Linear.)"""
+    found: Dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        for attribute in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            weight = getattr(module, attribute, None)
+            if isinstance(weight, nn.Parameter):
+                found[prefix + attribute] = weight
+    return found
+
+
+def sparsifiable_weights(model: nn.Module, exclude: Collection[str] = ()) -> Dict[str, nn.Parameter]:
+    """``{name: weight}`` of everything ``model`` can hold sparse, in module order: the
+    weight of every sparsifiable layer (named by the layer) and the input projection
+    weights of every ``nn.MultiheadAttention`` (``<attention>.in_proj_weight``, or the
+    separate ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``)."""
+    layers = sparsifiable_layers(model, exclude)
+    projections = _attention_projections(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    weights: Dict[str, nn.Parameter] = {name: module.weight for name, module in layers.items()}
+    weights.update({name: weight for name, weight in projections.items() if name not in exclude})
+    owner = lambda name: order.get(name, order.get(name.rpartition(".")[0], 0))  # noqa: E731
+    return dict(sorted(weights.items(), key=lambda item: owner(item[0])))
 
 
 def _weight_shapes(
     model_or_named_shapes: Union[nn.Module, Mapping[str, Sequence[int]]], exclude: Collection[str]
 ) -> Dict[str, Tuple[int, ...]]:
     if isinstance(model_or_named_shapes, nn.Module):
-        layers = sparsifiable_layers(model_or_named_shapes, exclude)
-        return {name: tuple(module.weight.shape) for name, module in layers.items()}
+        weights = sparsifiable_weights(model_or_named_shapes, exclude)
+        return {name: tuple(weight.shape) for name, weight in weights.items()}
     unknown = set(exclude) - set(model_or_named_shapes)
     if unknown:
         raise ValueError(f"exclude names layers that are not in the shapes: {sorted(unknown)}")
@@ -90,8 +121,9 @@ def layer_densities(
     of the weights of all the layers allocated.
 
     Args:
-        model_or_named_shapes: a model (its Linear and groups=1 Conv2d layers are
-            allocated) or ``{name: weight shape}``.
+        model_or_named_shapes: a model (its Linear and groups=1 Conv2d layers and
+            its attention's input projections are allocated: :func:`sparsifiable_weights`)
+            or ``{name: weight shape}``.
         sparsity: global fraction of weights to remove, in [0, 1).
         method: ``"uniform"`` (every layer gets ``1 - sparsity``) or ``"erk"``
             (Erdős–Rényi-Kernel, RigL): density proportional to
@@ -232,6 +264,7 @@ __all__ = [
     "magnitude_prune_to_fan_in",
     "pad_to_constant_fan_in",
     "sparsifiable_layers",
+    "sparsifiable_weights",
 ]
 
 

@@ -29,7 +29,7 @@ from typing import Any, Collection, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .masks import constant_fan_in_mask, fan_in_for_density, layer_densities, sparsifiable_layers
+from .masks import constant_fan_in_mask, fan_in_for_density, layer_densities, sparsifiable_layers, sparsifiable_weights
 
 
 @dataclass
@@ -37,7 +37,9 @@ class SparseLayer:
     """One layer's sparse state.
 
     Attributes:
-        module: the ``nn.Linear`` / ``nn.Conv2d`` whose weight is masked.
+        weight: the masked weight (a layer's, or an attention's input projection).
+        module: the ``nn.Linear`` / ``nn.Conv2d`` it belongs to, or None for an
+            ``nn.MultiheadAttention`` input projection (a bare parameter).
         mask: bool, the weight's shape; True where a weight is active.
         fan_in: active weights per active neuron (row of ``weight.flatten(1)``).
         ablated_neurons: bool ``[out]``; an ablated neuron has no weights for good
@@ -47,16 +49,13 @@ class SparseLayer:
         ablation_allowed: False for layers exempt from neuron ablation.
     """
 
-    module: nn.Module
+    weight: nn.Parameter
+    module: Optional[nn.Module]
     mask: Tensor
     fan_in: int
     ablated_neurons: Tensor
     budget: int
     ablation_allowed: bool
-
-    @property
-    def weight(self) -> Tensor:
-        return self.module.weight
 
     @property
     def in_features(self) -> int:
@@ -82,8 +81,9 @@ def _top_overall(scores: Tensor, count: int) -> Tensor:
 
 
 class SRigL:
-    """Keeps the masks of a model's Linear / groups=1 Conv2d layers and rewires them
-    with the SRigL rule; works with any optimizer and training loop.
+    """Keeps the masks of a model's Linear / groups=1 Conv2d layers and attention input
+    projections (:func:`~condensed_ops.masks.sparsifiable_weights`) and rewires them with
+    the SRigL rule; works with any optimizer and training loop.
 
     Args:
         model: the model to sparsify in place (weights outside the new masks are zeroed).
@@ -129,13 +129,14 @@ class SRigL:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if not 0.0 <= gamma_sal <= 1.0:
             raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal!r}")
-        modules = sparsifiable_layers(model, exclude)
-        if not modules:
+        weights = sparsifiable_weights(model, exclude)
+        if not weights:
             raise ValueError("model has no Linear or groups=1 Conv2d layer to sparsify")
+        modules = sparsifiable_layers(model, exclude)
         if ablation_exempt is None:
-            ablation_exempt = {list(modules)[-1]}
-        elif set(ablation_exempt) - set(modules):
-            raise ValueError(f"ablation_exempt names no sparsified layer: {sorted(set(ablation_exempt) - set(modules))}")
+            ablation_exempt = {list(weights)[-1]}
+        elif set(ablation_exempt) - set(weights):
+            raise ValueError(f"ablation_exempt names no sparsified layer: {sorted(set(ablation_exempt) - set(weights))}")
 
         self.t_end = t_end
         self.delta_t = delta_t
@@ -143,17 +144,18 @@ class SRigL:
         self.gamma_sal = gamma_sal
         self.optimizer = optimizer
         self.steps_taken = 0
-        densities = layer_densities({name: module.weight.shape for name, module in modules.items()}, sparsity, density_method)
+        densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
         self.layers: Dict[str, SparseLayer] = {}
-        for name, module in modules.items():
-            out_features, in_features = module.weight.shape[0], module.weight[0].numel()
+        for name, weight in weights.items():
+            out_features, in_features = weight.shape[0], weight[0].numel()
             fan_in = fan_in_for_density(densities[name], in_features)
             mask = constant_fan_in_mask(out_features, in_features, fan_in, generator=generator)
             self.layers[name] = SparseLayer(
-                module=module,
-                mask=mask.to(module.weight.device).view(module.weight.shape),
+                weight=weight,
+                module=modules.get(name),
+                mask=mask.to(weight.device).view(weight.shape),
                 fan_in=fan_in,
-                ablated_neurons=torch.zeros(out_features, dtype=torch.bool, device=module.weight.device),
+                ablated_neurons=torch.zeros(out_features, dtype=torch.bool, device=weight.device),
                 budget=out_features * fan_in,
                 ablation_allowed=name not in ablation_exempt,
             )
