@@ -156,13 +156,15 @@ def _refuse_distributed_wrappers(model: nn.Module, caller: str) -> None:
     """DDP and FSDP track the parameters that existed when they wrapped the model:
     swapping layers inside them would leave the new parameters unsynchronised."""
     wrappers: Tuple[type, ...] = ()
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrappers = (DistributedDataParallel, FullyShardedDataParallel, FSDPModule)
-    except ImportError:  # a torch built without distributed support
-        return
+    for module_name, class_name in (
+        ("torch.nn.parallel", "DistributedDataParallel"),
+        ("torch.distributed.fsdp", "FullyShardedDataParallel"),
+        ("torch.distributed.fsdp", "FSDPModule"),  # fully_shard (FSDP2)
+    ):
+        try:
+            wrappers += (getattr(__import__(module_name, fromlist=[class_name]), class_name),)
+        except (ImportError, AttributeError):  # torch without distributed support, or older
+            pass
     for name, module in model.named_modules():
         if isinstance(module, wrappers):
             where = f"{name!r} is" if name else "the model is"

@@ -295,19 +295,21 @@ def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] 
             out.append(f"| {sparsity:.0%} | " + " | ".join(_speedup_text(g.get((sparsity, b), []), "dense", window_max_batch) for b in batches) + " |")
     sixteen = sorted({row["dtype"] for row in rows if row["dtype"] in ("bfloat16", "float16") and not row["training"]})
     if sixteen:
-        out += ["", f"**16-bit, forward, {per_thread.split(' / ')[0]}: speed-up over dense `F.linear` in the same dtype and in float32, and over the float32 condensed layer**", ""]
-        out += ["| dtype | in→out | sparsity | batch | vs dense same dtype | vs dense float32 | vs float32 condensed |", "|---|---|---|---|---|---|---|"]
-        for dtype in sixteen:
-            for key, cell in cells.items():
-                device, d, t, train, i, o, sparsity, batch = key
-                if d != dtype or train or t != threads[0]:
-                    continue
-                f32 = cells.get((device, "float32", t, train, i, o, sparsity, batch))
-                ours = _inference_row(cell, window_max_batch)
-                ours32 = _inference_row(f32, window_max_batch) if f32 else None
-                vs32 = f"{speedup(ours32, ours):.2f}×" if ours is not None and ours32 is not None else "–"
-                same, fp32 = _speedup_text([cell], "dense", window_max_batch), _speedup_text([cell], "dense_fp32", window_max_batch)
-                out.append(f"| {dtype} | {i}→{o} | {sparsity:.0%} | {batch} | {same} | {fp32} | {vs32} |")
+        lines: Dict[tuple, Dict[int, str]] = {}
+        for (device, d, t, train, i, o, sparsity, batch), cell in cells.items():
+            if d not in sixteen or train or t != threads[0]:
+                continue
+            f32 = cells.get((device, "float32", t, train, i, o, sparsity, batch))
+            ours = _inference_row(cell, window_max_batch)
+            ours32 = _inference_row(f32, window_max_batch) if f32 else None
+            vs32 = f"{speedup(ours32, ours):.2f}×" if ours is not None and ours32 is not None else "–"
+            lines.setdefault((d, i, o, sparsity), {})[batch] = f"{_speedup_text([cell], 'dense', window_max_batch)} · {vs32}"
+        batches16 = sorted({b for per_batch in lines.values() for b in per_batch})
+        out += ["", f"**16-bit, forward, {per_thread.split(' / ')[0]}: speed-up over dense `F.linear` in the same dtype · "
+                "over the float32 condensed layer**", ""]
+        out += ["| dtype | in→out | sparsity | " + " | ".join(f"batch {b}" for b in batches16) + " |", "|---|---|---|" + "---|" * len(batches16)]
+        for (d, i, o, sparsity), per_batch in sorted(lines.items()):
+            out.append(f"| {d} | {i}→{o} | {sparsity:.0%} | " + " | ".join(per_batch.get(b, "–") for b in batches16) + " |")
     training = [row for row in rows if row["training"] and row["dtype"] == "float32"]
     if training:
         out += ["", "**Forward + backward, float32: speed-up over `nn.Linear`**", ""]
