@@ -207,6 +207,12 @@ def test_transformer_encoder_converts_fully_and_matches_the_masked_dense_model(b
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, src_key_padding_mask=padding), dense(x, src_key_padding_mask=padding), rtol=1e-5, atol=1e-5)
+    model.train()
+    dense.train()
+    out = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert model.layers[0].self_attn.v_proj.values.grad is not None
 
 
 def test_transformer_encoder_with_the_nested_tensor_fast_path_runs_condensed():
