@@ -60,15 +60,6 @@ def reset_kernel_options() -> None:
     set_kernel_options(**{name: "auto" for name in condensed_ops._C._kernel_options()})
 
 
-@contextlib.contextmanager
-def kernel_options(**options: str) -> Iterator[None]:
-    """Force kernel options (any device's) for the duration of the block."""
-    set_kernel_options(**options)
-    try:
-        yield
-    finally:
-        reset_kernel_options()
-
 
 @contextlib.contextmanager
 def cpu_kernel(isa: str, strategy: str = "auto") -> Iterator[None]:

@@ -30,10 +30,8 @@ from conftest import (
     SampleSpec,
     assert_matches_reference,
     cpu_kernel,
-    index_dtype_fits,
     kernel_path_id,
     make_sample,
-    reference_condensed_linear,
     sample_inputs,
 )
 

@@ -23,7 +23,6 @@ from conftest import (
     SampleSpec,
     assert_matches_reference,
     index_dtype_fits,
-    kernel_options,
     make_sample,
 )
 

@@ -10,7 +10,7 @@ zeros too). ``training=True`` times forward + backward instead (gradients to
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
