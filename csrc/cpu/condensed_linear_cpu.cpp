@@ -62,16 +62,20 @@ TensorCache<int64_t>& validated_indices() {
 // Where in_features came from, for the message: x's width, or an argument.
 enum class Width { OfX, Argument };
 
+// The position of the first entry of a contiguous idx outside [0, in_features), or -1.
+int64_t first_bad_index(const at::Tensor& contiguous, int64_t in_features) {
+  const int64_t n = contiguous.numel();
+  switch (contiguous.scalar_type()) {
+    case at::kShort: return k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features);
+    case at::kInt: return k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features);
+    default: return k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features);
+  }
+}
+
 [[noreturn]] void raise_index_error(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
   validated_indices().forget(idx);
   const at::Tensor contiguous = idx.contiguous();
-  const int64_t n = contiguous.numel();
-  int64_t bad = -1;
-  switch (contiguous.scalar_type()) {
-    case at::kShort: bad = k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features); break;
-    case at::kInt: bad = k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features); break;
-    default: bad = k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features); break;
-  }
+  const int64_t bad = first_bad_index(contiguous, in_features);
   TORCH_CHECK_INDEX(bad < 0, "condensed_linear: idx[", bad / std::max<int64_t>(1, idx.size(1)), ", ",
                     bad % std::max<int64_t>(1, idx.size(1)), "] = ", contiguous.view(-1)[std::max<int64_t>(0, bad)].item<int64_t>(),
                     " is outside [0, in_features=", in_features, ")",
@@ -87,20 +91,9 @@ enum class Width { OfX, Argument };
 at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
   const auto bound = validated_indices().find({&idx}, 0);
   if (!bound || *bound > in_features) {
-    const at::Tensor contiguous = idx.contiguous();
-    int64_t highest = -1;
-    if (contiguous.numel() > 0) {
-      const int64_t n = contiguous.numel();
-      int64_t bad;
-      switch (contiguous.scalar_type()) {
-        case at::kShort: bad = k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features); break;
-        case at::kInt: bad = k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features); break;
-        default: bad = k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features); break;
-      }
-      if (bad >= 0) raise_index_error(idx, in_features, width);
-      highest = in_features - 1;  // every entry is below in_features: enough for any later call
-    }
-    validated_indices().insert({&idx}, 0, highest + 1);
+    if (first_bad_index(idx.contiguous(), in_features) >= 0) raise_index_error(idx, in_features, width);
+    // Every entry lies below in_features: valid for any call at least this wide.
+    validated_indices().insert({&idx}, 0, idx.numel() > 0 ? in_features : 0);
   }
   return narrow_indices(idx, in_features);
 }
