@@ -51,6 +51,17 @@ at::Tensor rows_in_acc_type(const at::Tensor& t, int64_t rows, int64_t features)
 // per item: ~32k per task keeps the fork/join cost small at batch 1.
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
+// at::parallel_for over [begin, end) where each chunk returns whether its
+// kernel read only valid indices (or layout data); true if every chunk did.
+template <typename Chunk>
+bool parallel_all(int64_t begin, int64_t end, int64_t grain, const Chunk& chunk) {
+  std::atomic<bool> all{true};
+  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    if (!chunk(chunk_begin, chunk_end)) all = false;
+  });
+  return all;
+}
+
 // ---- indices -------------------------------------------------------------------
 
 // Per idx tensor: every entry lies in [0, bound).
@@ -104,22 +115,16 @@ at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, Width wid
 template <typename scalar_t, typename index_t>
 bool run_row_walk(const k::CondensedLinearProblem<scalar_t, index_t>& p, Strategy strategy, Isa isa) {
   const int64_t mean_row_length = p.entries() / std::max<int64_t>(1, p.out_features);
-  std::atomic<bool> inside{true};
-  at::parallel_for(0, p.out_features, grain_for(mean_row_length * p.batch), [&](int64_t begin, int64_t end) {
-    bool ok;
+  return parallel_all(0, p.out_features, grain_for(mean_row_length * p.batch), [&](int64_t begin, int64_t end) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
       if (isa != Isa::Portable) {
-        ok = strategy == Strategy::Gather ? k::avx2::gather(p, begin, end) : k::avx2::scalar(p, begin, end);
-        if (!ok) inside = false;
-        return;
+        return strategy == Strategy::Gather ? k::avx2::gather(p, begin, end) : k::avx2::scalar(p, begin, end);
       }
 #endif
     }
-    ok = k::portable::scalar(p, begin, end);
-    if (!ok) inside = false;
+    return k::portable::scalar(p, begin, end);
   });
-  return inside;
 }
 
 // The batch in tiles of 32 rows, the last one 8, 16 or 32 wide.
@@ -130,6 +135,21 @@ std::vector<k::BatchTile> batch_tiles(int64_t batch) {
     tiles.push_back(k::BatchTile{row, rows, k::tile_rows_for(rows)});
   }
   return tiles;
+}
+
+// One tile's outputs [out_begin, out_end) on the widest kernel `isa` allows.
+template <typename scalar_t, typename index_t>
+bool run_tile(const k::CondensedLinearProblem<scalar_t, index_t>& p, const k::BatchTile& tile, int64_t out_begin,
+              int64_t out_end, k::acc_t<scalar_t>* scratch, Isa isa) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+#if defined(CONDENSED_OPS_WITH_AVX2)
+#if defined(CONDENSED_OPS_WITH_AVX512)
+    if (isa == Isa::Avx512) return k::avx512::tiled(p, tile, out_begin, out_end, scratch);
+#endif
+    if (isa == Isa::Avx2) return k::avx2::tiled(p, tile, out_begin, out_end, scratch);
+#endif
+  }
+  return k::portable::tiled(p, tile, out_begin, out_end, scratch);
 }
 
 template <typename scalar_t, typename index_t>
@@ -145,8 +165,7 @@ bool run_tiled(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
   const int64_t out_chunks =
       std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
   const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
-  std::atomic<bool> inside{true};
-  at::parallel_for(0, n_tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
+  return parallel_all(0, n_tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
     // 64-byte aligned (torch's CPU allocator): a tile column is one cache
     // line, and a malloc'd buffer (16-byte aligned) splits every zmm load in two.
     const at::Tensor scratch_tensor = at::empty({k::tile_scratch_size(p.in_features)},
@@ -158,25 +177,10 @@ bool run_tiled(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
       const int64_t out_begin = std::min(p.out_features, (task / n_tiles) * chunk_outputs);
       const int64_t out_end = std::min(p.out_features, out_begin + chunk_outputs);
       if (out_begin == out_end) continue;
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-#if defined(CONDENSED_OPS_WITH_AVX2)
-#if defined(CONDENSED_OPS_WITH_AVX512)
-        if (isa == Isa::Avx512) {
-          ok &= k::avx512::tiled(p, tile, out_begin, out_end, scratch);
-          continue;
-        }
-#endif
-        if (isa == Isa::Avx2) {
-          ok &= k::avx2::tiled(p, tile, out_begin, out_end, scratch);
-          continue;
-        }
-#endif
-      }
-      ok &= k::portable::tiled(p, tile, out_begin, out_end, scratch);
+      ok &= run_tile(p, tile, out_begin, out_end, scratch, isa);
     }
-    if (!ok) inside = false;
+    return ok;
   });
-  return inside;
 }
 
 // Runs the row layout's kernel for the batch; false if one met a bad index.
@@ -211,21 +215,17 @@ ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64
   ColumnLayout layout{at::empty({in_features + 1}, at::kLong),
                       at::empty({entries}, out_features <= INT16_MAX + 1 ? at::kShort : at::kInt),
                       at::empty({entries}, at::kInt)};
-  std::atomic<bool> inside{true};
+  bool inside = true;
   with_index_type(idx_k, [&](auto index_tag) {
     with_index_type(layout.rows, [&](auto row_tag) {
       using index_t = decltype(index_tag);
       using row_index_t = decltype(row_tag);
       const index_t* columns = idx_k.data_ptr<index_t>();
-      if (!k::column_offsets(columns, entries, in_features, layout.offsets.data_ptr<int64_t>())) {
-        inside = false;
-        return;
-      }
-      at::parallel_for(0, in_features, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
-        if (!k::fill_columns(columns, out_features, fan_in, in_features, layout.offsets.data_ptr<int64_t>(), begin,
-                             end, layout.rows.data_ptr<row_index_t>(), layout.sources.data_ptr<int32_t>())) {
-          inside = false;
-        }
+      inside = k::column_offsets(columns, entries, in_features, layout.offsets.data_ptr<int64_t>());
+      if (!inside) return;
+      inside = parallel_all(0, in_features, /*grain=*/64, [&](int64_t begin, int64_t end) {
+        return k::fill_columns(columns, out_features, fan_in, in_features, layout.offsets.data_ptr<int64_t>(), begin,
+                               end, layout.rows.data_ptr<row_index_t>(), layout.sources.data_ptr<int32_t>());
       });
     });
   });
@@ -374,7 +374,7 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
   // Batch chunks of 256 keep a chunk of x_t (in_features KiB) in L2 across all outputs.
   constexpr int64_t kChunk = 256;
   const Isa isa = active_isa();
-  std::atomic<bool> inside{true};
+  bool inside = true;
   AT_DISPATCH_FLOATING_TYPES(acc, "condensed_linear_grad_values_cpu", [&] {
     with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
@@ -383,24 +383,16 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
             x_t.data_ptr<scalar_t>() + b0, grad_y_t.data_ptr<scalar_t>() + b0, padded,
             std::min(kChunk, padded - b0), idx_k.data_ptr<index_t>(), in_features, fan_in,
             grad_acc.data_ptr<scalar_t>(), /*accumulate=*/b0 > 0};
-        at::parallel_for(0, out_features, grain_for(fan_in * p.length), [&](int64_t begin, int64_t end) {
-          bool ok;
+        inside = inside && parallel_all(0, out_features, grain_for(fan_in * p.length), [&](int64_t begin, int64_t end) {
           if constexpr (std::is_same_v<scalar_t, float>) {
 #if defined(CONDENSED_OPS_WITH_AVX512)
-            if (isa == Isa::Avx512) {
-              if (!k::avx512::grad_values(p, begin, end)) inside = false;
-              return;
-            }
+            if (isa == Isa::Avx512) return k::avx512::grad_values(p, begin, end);
 #endif
 #if defined(CONDENSED_OPS_WITH_AVX2)
-            if (isa == Isa::Avx2) {
-              if (!k::avx2::grad_values(p, begin, end)) inside = false;
-              return;
-            }
+            if (isa == Isa::Avx2) return k::avx2::grad_values(p, begin, end);
 #endif
           }
-          ok = k::portable::grad_values(p, begin, end);
-          if (!ok) inside = false;
+          return k::portable::grad_values(p, begin, end);
         });
       }
     });
@@ -457,28 +449,18 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
 template <typename scalar_t>
 bool run_window(const k::WindowProblem<scalar_t>& p, Isa isa) {
   const int64_t mean_block_steps = p.layout.total_steps / std::max<int64_t>(1, p.layout.blocks);
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, p.layout.blocks, grain_for(mean_block_steps * k::kWindowLanes * p.batch),
-                   [&](int64_t begin, int64_t end) {
-    bool block_ok;
+  const int64_t grain = grain_for(mean_block_steps * k::kWindowLanes * p.batch);
+  return parallel_all(0, p.layout.blocks, grain, [&](int64_t begin, int64_t end) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
 #if defined(CONDENSED_OPS_WITH_AVX512)
-      if (isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow) {
-        if (!k::avx512::window(p, begin, end)) ok = false;
-        return;
-      }
+      if (isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow) return k::avx512::window(p, begin, end);
 #endif
-      if (isa != Isa::Portable) {
-        if (!k::avx2::window(p, begin, end)) ok = false;
-        return;
-      }
+      if (isa != Isa::Portable) return k::avx2::window(p, begin, end);
 #endif
     }
-    block_ok = k::portable::window(p, begin, end);
-    if (!block_ok) ok = false;
+    return k::portable::window(p, begin, end);
   });
-  return ok;
 }
 
 at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
