@@ -100,13 +100,14 @@ int64_t first_bad_index(const at::Tensor& contiguous, int64_t in_features) {
 // outside [0, in_features) unless this tensor, at this version, passed
 // before; returns the kernels' contiguous int16/int32 indices.
 at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
+  const at::Tensor contiguous = idx.contiguous();
   const auto bound = validated_indices().find({&idx}, 0);
   if (!bound || *bound > in_features) {
-    if (first_bad_index(idx.contiguous(), in_features) >= 0) raise_index_error(idx, in_features, width);
+    if (first_bad_index(contiguous, in_features) >= 0) raise_index_error(idx, in_features, width);
     // Every entry lies below in_features: valid for any call at least this wide.
     validated_indices().insert({&idx}, 0, idx.numel() > 0 ? in_features : 0);
   }
-  return narrow_indices(idx, in_features);
+  return narrow_indices(contiguous, in_features);
 }
 
 // ---- the row layout's kernels -----------------------------------------------------

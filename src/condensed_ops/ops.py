@@ -45,7 +45,7 @@ def _condensed_linear_in_standard_ops(x: Tensor, values: Tensor, idx: Tensor, bi
     """The op in operators every ONNX runtime has: Gather + Mul + ReduceSum, or a
     dense MatMul of the scattered weight."""
     if _onnx_form == "dense":
-        weight = torch.zeros(values.shape[0], x.shape[-1], dtype=values.dtype).scatter_add(1, idx.long(), values)
+        weight = values.new_zeros(values.shape[0], x.shape[-1]).scatter_add(1, idx.long(), values)
         return torch.nn.functional.linear(x, weight, bias)
     y = (x[..., idx.long()] * values).sum(-1)  # x[..., idx]: [..., out, fan_in]
     return y if bias is None else y + bias
