@@ -213,3 +213,21 @@ def test_cli_vit_only(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--no-sweep", "--no-progress"])
     assert "nothing to run" in capsys.readouterr().err
+
+
+def test_each_summary_table_comes_from_one_result_and_names_its_command():
+    def row(method, seconds, dtype="float32"):
+        return dict(device="cpu", dtype=dtype, threads=1, training=False, in_features=8, out_features=4,
+                    sparsity=0.9, batch=1, method=method, seconds=seconds, kernel_seconds=seconds)
+
+    machine = dict(cpu="cpu", logical_cpus=1, torch="t", condensed_ops="v", date="2026-01-01",
+                   cpu_kernels=dict(active_isa="avx2", window_max_batch=0, small_batch_kernel="scalar",
+                                    small_batch_reason="r", kernel_options={}))
+    first = dict(machine=machine, rows=[row("dense", 8.0), row("condensed", 4.0)], command="first")
+    # A later run of the same float32 cell must not replace the first table's numbers.
+    second = dict(machine=machine, command="second",
+                  rows=[row("dense", 9.0), row("condensed", 1.0), row("dense", 6.0, "bfloat16"), row("condensed", 2.0, "bfloat16")])
+    summary = render_summary([first, second])
+    forward, sixteen = summary.split("**16-bit")
+    assert "Command: `first`" in forward and "| 90% | 2.0× |" in forward
+    assert "Command: `second`" in sixteen and "3.0× · 0.50×" in sixteen

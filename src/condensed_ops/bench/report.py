@@ -178,9 +178,7 @@ def render_markdown(
     """
     out = [f"<!-- results from: {' '.join(sources)} -->"] if sources else []
     for result in results:
-        forced = _forced_options(result)
-        prefix = " ".join(f"CONDENSED_OPS_{k.upper()}={v}" for k, v in forced.items()) + (" " if forced else "")
-        out.append(f"- {_machine_line(result)}: `{prefix}{result['command']}`")
+        out.append(f"- {_machine_line(result)}: {_command_line(result)}")
     results, forced_results = _split_forced(results)
     out += ["", "Measured peaks (the roofline; a copy much larger than the caches, a large dense matmul):", ""]
     out += _roofline_table(results)
@@ -255,16 +253,33 @@ def _speedup_text(cells: Sequence[List[Row]], baseline: str, window_max_batch: i
     return " / ".join(texts)
 
 
+def _command_line(result: Dict[str, object]) -> str:
+    forced = _forced_options(result)
+    prefix = " ".join(f"CONDENSED_OPS_{k.upper()}={v}" for k, v in forced.items()) + (" " if forced else "")
+    return f"`{prefix}{result['command']}`"
+
+
 def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] = (), details: str = "docs/results.md") -> str:
     """The README's "when it pays" tables: speed-up of what ``CondensedLinear`` runs
     (window layout up to ``WINDOW_MAX_BATCH`` rows, row layout above) over dense
     ``F.linear`` on the first CPU shape, per sparsity x batch; 16-bit and training
-    lines when the results have them."""
+    lines when the results have them. Each table comes from one result file, the
+    first that has its rows, and names the command that produced it."""
     out = [f"<!-- summary from: {' '.join(sources)} -->"] if sources else []
     results, _ = _split_forced(results)
-    rows = [row for result in results for row in result["rows"] if row["device"] == "cpu"]
+    cpu_rows = lambda result: [row for row in result["rows"] if row["device"] == "cpu"]  # noqa: E731
+    rows = [row for result in results for row in cpu_rows(result)]
     if not rows:
         return "\n".join(out + ["No CPU results."]) + "\n"
+
+    def source(wanted) -> tuple:
+        """(the first result with rows matching `wanted`, those rows' cells)."""
+        for result in results:
+            matching = [row for row in cpu_rows(result) if wanted(row)]
+            if matching:
+                return result, _cells(matching)
+        return None, {}
+
     kernels = results[0]["machine"]["cpu_kernels"]
     window_max_batch = int(kernels.get("window_max_batch", 0))
     threads = sorted({row["threads"] for row in rows})
@@ -272,52 +287,54 @@ def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] 
     out.append(f"Measured on {_machine_line(results[0])}; cells are {per_thread}. "
                f"Small-batch kernel here: {kernels.get('small_batch_kernel')} ({kernels.get('small_batch_reason')}). "
                f"Every number, and how to reproduce it: [{details}]({details}).")
-    cells = _cells(rows)
 
-    def grid(dtype: str, training: bool, shape: tuple) -> Dict[tuple, List[List[Row]]]:
+    def grid(cells: Dict[tuple, List[Row]], shape: tuple) -> Dict[tuple, List[List[Row]]]:
+        """(sparsity, batch) -> the cells of `shape`, one per thread count."""
         found: Dict[tuple, List[List[Row]]] = {}
         for (device, d, t, train, i, o, sparsity, batch), cell in cells.items():
-            if d == dtype and train == training and (i, o) == shape:
+            if (i, o) == shape:
                 found.setdefault((sparsity, batch), []).append(cell)
         for key in found:
             found[key].sort(key=lambda cell: cell[0]["threads"])
         return found
 
-    forward32 = [row for row in rows if row["dtype"] == "float32" and not row["training"]]
-    if forward32:
-        shape = (forward32[0]["in_features"], forward32[0]["out_features"])
-        g = grid("float32", False, shape)
-        sparsities = sorted({k[0] for k in g})
+    result, cells = source(lambda row: row["dtype"] == "float32" and not row["training"])
+    if cells:
+        first = next(iter(cells.values()))[0]
+        shape = (first["in_features"], first["out_features"])
+        g = grid(cells, shape)
         batches = sorted({k[1] for k in g})
-        out += ["", f"**Forward, float32, {shape[0]}→{shape[1]}: speed-up over dense `F.linear`**", ""]
+        out += ["", f"**Forward, float32, {shape[0]}→{shape[1]}: speed-up over dense `F.linear`**", "",
+                f"Command: {_command_line(result)}", ""]
         out += ["| sparsity | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
-        for sparsity in sparsities:
+        for sparsity in sorted({k[0] for k in g}):
             out.append(f"| {sparsity:.0%} | " + " | ".join(_speedup_text(g.get((sparsity, b), []), "dense", window_max_batch) for b in batches) + " |")
-    sixteen = sorted({row["dtype"] for row in rows if row["dtype"] in ("bfloat16", "float16") and not row["training"]})
-    if sixteen:
+    result, cells = source(lambda row: row["dtype"] in ("bfloat16", "float16") and not row["training"])
+    if cells:
+        cells32 = _cells(row for row in cpu_rows(result) if row["dtype"] == "float32" and not row["training"])
         lines: Dict[tuple, Dict[int, str]] = {}
         for (device, d, t, train, i, o, sparsity, batch), cell in cells.items():
-            if d not in sixteen or train or t != threads[0]:
+            if t != threads[0]:
                 continue
-            f32 = cells.get((device, "float32", t, train, i, o, sparsity, batch))
+            f32 = cells32.get((device, "float32", t, train, i, o, sparsity, batch))
             ours = _inference_row(cell, window_max_batch)
             ours32 = _inference_row(f32, window_max_batch) if f32 else None
             vs32 = f"{speedup(ours32, ours):.2f}×" if ours is not None and ours32 is not None else "–"
             lines.setdefault((d, i, o, sparsity), {})[batch] = f"{_speedup_text([cell], 'dense', window_max_batch)} · {vs32}"
         batches16 = sorted({b for per_batch in lines.values() for b in per_batch})
         out += ["", f"**16-bit, forward, {per_thread.split(' / ')[0]}: speed-up over dense `F.linear` in the same dtype · "
-                "over the float32 condensed layer**", ""]
+                "over the float32 condensed layer**", "", f"Command: {_command_line(result)}", ""]
         out += ["| dtype | in→out | sparsity | " + " | ".join(f"batch {b}" for b in batches16) + " |", "|---|---|---|" + "---|" * len(batches16)]
         for (d, i, o, sparsity), per_batch in sorted(lines.items()):
             out.append(f"| {d} | {i}→{o} | {sparsity:.0%} | " + " | ".join(per_batch.get(b, "–") for b in batches16) + " |")
-    training = [row for row in rows if row["training"] and row["dtype"] == "float32"]
-    if training:
-        out += ["", "**Forward + backward, float32: speed-up over `nn.Linear`**", ""]
-        shapes = list(dict.fromkeys((row["in_features"], row["out_features"]) for row in training))
-        keys = sorted({(row["sparsity"], row["batch"]) for row in training})
+    result, cells = source(lambda row: row["dtype"] == "float32" and row["training"])
+    if cells:
+        out += ["", "**Forward + backward, float32: speed-up over `nn.Linear`**", "", f"Command: {_command_line(result)}", ""]
+        shapes = list(dict.fromkeys(key[4:6] for key in cells))
+        keys = sorted({key[6:8] for key in cells})
         out += ["| sparsity | batch | " + " | ".join(f"{i}→{o}" for i, o in shapes) + " |", "|---|---|" + "---|" * len(shapes)]
         for sparsity, batch in keys:
-            out.append(f"| {sparsity:.0%} | {batch} | " + " | ".join(_speedup_text(grid("float32", True, shape).get((sparsity, batch), []), "dense", 0) for shape in shapes) + " |")
+            out.append(f"| {sparsity:.0%} | {batch} | " + " | ".join(_speedup_text(grid(cells, shape).get((sparsity, batch), []), "dense", 0) for shape in shapes) + " |")
     return "\n".join(out).rstrip() + "\n"
 
 
