@@ -52,6 +52,18 @@ void check_weight_layout(const char* op, const at::Tensor& values, const at::Ten
   check_value_dtype(op, "values", values);
 }
 
+// values [groups, group_size, fan_in] with idx [groups, fan_in]: the grouped layout.
+void check_grouped_layout(const char* op, const at::Tensor& values, const at::Tensor& idx) {
+  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must be 3-D [groups, group_size, fan_in], got shape ",
+                    values.sizes());
+  TORCH_CHECK_TYPE(is_supported_index_dtype(idx.scalar_type()),
+                   op, ": idx must be int16, int32 or int64, got ", dtype_name(idx.scalar_type()));
+  TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == values.size(0) && idx.size(1) == values.size(2), op,
+                    ": idx must be [groups, fan_in] = [", values.size(0), ", ", values.size(2),
+                    "] for values of shape ", values.sizes(), ", got ", idx.sizes());
+  check_value_dtype(op, "values", values);
+}
+
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& reference,
                        const char* reference_name) {
   TORCH_CHECK_VALUE(t.device() == reference.device(), op, ": ", name, " must be on ", reference_name,
@@ -93,6 +105,19 @@ void check_condensed_linear_inputs(const at::Tensor& x, const at::Tensor& values
   check_bias(op, bias, values.size(0), x, values, "values'");
 }
 
+void check_condensed_linear_grouped_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                           const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "condensed_linear_grouped";
+  check_grouped_layout(op, values, idx);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension [..., in_features], got a scalar");
+  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x and values must share a dtype, got x ",
+                   dtype_name(x.scalar_type()), " and values ", dtype_name(values.scalar_type()));
+  check_same_device(op, "values", values, x, "x");
+  check_same_device(op, "idx", idx, x, "x");
+  check_in_features(op, x.size(-1));
+  check_bias(op, bias, values.size(0) * values.size(1), x, values, "values'");
+}
+
 void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,
                                               const at::Tensor& idx, int64_t in_features) {
   constexpr const char* op = "condensed_linear";
@@ -125,22 +150,27 @@ void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const a
 void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features,
                        const std::optional<at::Tensor>& active_rows, int64_t out_features) {
   constexpr const char* op = "pack_for_inference";
-  check_weight_layout(op, values, idx);
+  if (values.dim() == 3) {  // the grouped layout
+    check_grouped_layout(op, values, idx);
+  } else {
+    check_weight_layout(op, values, idx);
+  }
   check_same_device(op, "idx", idx, values, "values");
   check_in_features(op, in_features, "in_features");
+  // Rows of the weight: a grouped layout's groups * group_size.
+  const int64_t rows = values.dim() == 3 ? values.size(0) * values.size(1) : values.size(0);
   if (active_rows.has_value()) {
-    const at::Tensor& rows = *active_rows;
-    TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, op, ": active_rows must be int64, got ",
-                     dtype_name(rows.scalar_type()));
-    TORCH_CHECK_VALUE(rows.dim() == 1 && rows.size(0) == values.size(0), op,
-                      ": active_rows must have shape [values.shape[0]] = [", values.size(0), "], got ", rows.sizes());
-    check_same_device(op, "active_rows", rows, values, "values");
-    TORCH_CHECK_VALUE(out_features >= values.size(0), op, ": out_features must be >= values.shape[0] = ",
-                      values.size(0), " with active_rows, got ", out_features);
+    const at::Tensor& active = *active_rows;
+    TORCH_CHECK_TYPE(active.scalar_type() == at::kLong, op, ": active_rows must be int64, got ",
+                     dtype_name(active.scalar_type()));
+    TORCH_CHECK_VALUE(active.dim() == 1 && active.size(0) == rows, op,
+                      ": active_rows must have one entry per row of values (", rows, "), got shape ", active.sizes());
+    check_same_device(op, "active_rows", active, values, "values");
+    TORCH_CHECK_VALUE(out_features >= rows, op, ": out_features must be >= the rows of values (", rows,
+                      ") with active_rows, got ", out_features);
   } else {
-    TORCH_CHECK_VALUE(out_features == values.size(0), op,
-                      ": out_features must be values.shape[0] = ", values.size(0), " without active_rows, got ",
-                      out_features);
+    TORCH_CHECK_VALUE(out_features == rows, op, ": out_features must be the rows of values (", rows,
+                      ") without active_rows, got ", out_features);
   }
 }
 

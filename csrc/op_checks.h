@@ -15,6 +15,11 @@ namespace condensed_ops {
 void check_condensed_linear_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                    const std::optional<at::Tensor>& bias);
 
+// The grouped op: values [groups, group_size, fan_in] and idx [groups, fan_in]
+// (every group_size consecutive outputs share one group's columns).
+void check_condensed_linear_grouped_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                           const std::optional<at::Tensor>& bias);
+
 // The backward ops' checks: grad_y [..., out_features] in values' dtype.
 void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,
                                               const at::Tensor& idx, int64_t in_features);

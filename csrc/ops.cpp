@@ -1,5 +1,6 @@
 // The ops' schemas and their autograd (C++, so a TorchScript model loaded
 // without importing the package still trains).
+#include "grouped.h"
 #include "op_checks.h"
 
 #include <ATen/autocast_mode.h>
@@ -12,25 +13,31 @@
 
 namespace condensed_ops {
 
-// Gradients for x, values and bias (idx is structure, not a parameter).
-class CondensedLinearFunction : public torch::autograd::Function<CondensedLinearFunction> {
+using ForwardOp = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&)>;
+
+template <bool kGrouped>
+const ForwardOp& forward_op() {
+  static const ForwardOp op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kGrouped ? "condensed_ops::condensed_linear_grouped" : "condensed_ops::condensed_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+// Gradients for x, values and bias (idx is structure, not a parameter), from
+// the row layout's backward ops. The grouped layout is the row layout with
+// each group's idx row repeated (grouped.h): its values view as rows, and the
+// row gradients view back as [groups, group_size, fan_in].
+template <bool kGrouped>
+class CondensedLinearFunction : public torch::autograd::Function<CondensedLinearFunction<kGrouped>> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& idx, const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, values, idx});
     ctx->saved_data["has_bias"] = bias.has_value();
-    return forward_op().call(x, values, idx, bias);
-  }
-
-  static const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&)>&
-  forward_op() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("condensed_ops::condensed_linear", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&)>();
-    return op;
+    return forward_op<kGrouped>().call(x, values, idx, bias);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -46,11 +53,15 @@ class CondensedLinearFunction : public torch::autograd::Function<CondensedLinear
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& values = saved[1];
-    const at::Tensor& idx = saved[2];
     const at::Tensor& grad_y = grad_outputs[0];
+    at::Tensor value_rows = values, idx_rows = saved[2];
+    if constexpr (kGrouped) {
+      value_rows = values.reshape({values.size(0) * values.size(1), values.size(2)});
+      idx_rows = expanded_group_indices(saved[2], values.size(1));
+    }
     at::Tensor grad_x, grad_values, grad_bias;
-    if (ctx->needs_input_grad(0)) grad_x = grad_input_op.call(grad_y, values, idx, x.sym_size(-1));
-    if (ctx->needs_input_grad(1)) grad_values = grad_values_op.call(grad_y, x, idx);
+    if (ctx->needs_input_grad(0)) grad_x = grad_input_op.call(grad_y, value_rows, idx_rows, x.sym_size(-1));
+    if (ctx->needs_input_grad(1)) grad_values = grad_values_op.call(grad_y, x, idx_rows).view(values.sizes());
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       std::vector<int64_t> leading(grad_y.dim() - 1);
       std::iota(leading.begin(), leading.end(), 0);
@@ -60,26 +71,28 @@ class CondensedLinearFunction : public torch::autograd::Function<CondensedLinear
   }
 };
 
+template <bool kGrouped>
 at::Tensor condensed_linear_autograd(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                      const std::optional<at::Tensor>& bias) {
+  using Function = CondensedLinearFunction<kGrouped>;
   // Inference skips the autograd node (a few microseconds, most of a small layer's call).
   const bool needs_graph = at::GradMode::is_enabled() && (x.requires_grad() || values.requires_grad() ||
                                                            (bias.has_value() && bias->requires_grad()));
-  if (needs_graph) return CondensedLinearFunction::apply(x, values, idx, bias);
+  if (needs_graph) return Function::apply(x, values, idx, bias);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return CondensedLinearFunction::forward_op().call(x, values, idx, bias);
+  return forward_op<kGrouped>().call(x, values, idx, bias);
 }
 
 // Under autocast the op runs like F.linear: x, values and bias (float32 ones;
 // float64 stays) are cast to the autocast dtype. cached_cast keeps the cast
 // of a leaf weight that requires grad for the rest of the autocast region, so
 // a layer called several times per step casts its values once.
-template <c10::DeviceType kDevice>
+template <c10::DeviceType kDevice, bool kGrouped>
 at::Tensor condensed_linear_autocast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                      const std::optional<at::Tensor>& bias) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
-  return CondensedLinearFunction::forward_op().call(at::autocast::cached_cast(dtype, x, kDevice),
+  return forward_op<kGrouped>().call(at::autocast::cached_cast(dtype, x, kDevice),
                                                      at::autocast::cached_cast(dtype, values, kDevice), idx,
                                                      at::autocast::cached_cast(dtype, bias, kDevice));
 }
@@ -93,6 +106,9 @@ at::Tensor index_view(const at::Tensor& storage, c10::SymIntArrayRef shape) {
 
 TORCH_LIBRARY(condensed_ops, m) {
   m.def("condensed_linear(Tensor x, Tensor values, Tensor idx, Tensor? bias=None) -> Tensor");
+  // Grouped layout: values [groups, group_size, fan_in], idx [groups, fan_in];
+  // the group_size consecutive outputs of a group share its columns.
+  m.def("condensed_linear_grouped(Tensor x, Tensor values, Tensor idx, Tensor? bias=None) -> Tensor");
   // The backward ops, public so other autograd code (or a custom kernel) can reuse them.
   m.def("condensed_linear_grad_input(Tensor grad_y, Tensor values, Tensor idx, SymInt in_features) -> Tensor");
   m.def("condensed_linear_grad_values(Tensor grad_y, Tensor x, Tensor idx) -> Tensor");
@@ -111,14 +127,17 @@ TORCH_LIBRARY_IMPL(condensed_ops, CompositeImplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(condensed_ops, AutocastCPU, m) {
-  m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CPU>);
+  m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CPU, false>);
+  m.impl("condensed_linear_grouped", &condensed_linear_autocast<c10::DeviceType::CPU, true>);
 }
 TORCH_LIBRARY_IMPL(condensed_ops, AutocastCUDA, m) {
-  m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CUDA>);
+  m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CUDA, false>);
+  m.impl("condensed_linear_grouped", &condensed_linear_autocast<c10::DeviceType::CUDA, true>);
 }
 
 TORCH_LIBRARY_IMPL(condensed_ops, Autograd, m) {
-  m.impl("condensed_linear", &condensed_linear_autograd);
+  m.impl("condensed_linear", &condensed_linear_autograd<false>);
+  m.impl("condensed_linear_grouped", &condensed_linear_autograd<true>);
   // No double backward: differentiating the backward ops raises "not implemented".
   m.impl("condensed_linear_grad_input", torch::autograd::autogradNotImplementedFallback());
   m.impl("condensed_linear_grad_values", torch::autograd::autogradNotImplementedFallback());

@@ -20,9 +20,11 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <type_traits>
 #include <vector>
 
 #include "../glue_common.h"
+#include "../grouped.h"
 #include "../kernels/cpu/cpu_kernels.h"
 #include "../op_checks.h"
 #include "../tensor_cache.h"
@@ -153,9 +155,25 @@ bool run_tile(const k::CondensedLinearProblem<scalar_t, index_t>& p, const k::Ba
   return k::portable::tiled(p, tile, out_begin, out_end, scratch);
 }
 
+// The same over the grouped layout.
 template <typename scalar_t, typename index_t>
-bool run_tiled(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
-  using acc = k::acc_t<scalar_t>;
+bool run_tile(const k::GroupedProblem<scalar_t, index_t>& p, const k::BatchTile& tile, int64_t out_begin,
+              int64_t out_end, k::acc_t<scalar_t>* scratch, Isa isa) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+#if defined(CONDENSED_OPS_WITH_AVX2)
+#if defined(CONDENSED_OPS_WITH_AVX512)
+    if (isa == Isa::Avx512) return k::avx512::grouped_tiled(p, tile, out_begin, out_end, scratch);
+#endif
+    if (isa == Isa::Avx2) return k::avx2::grouped_tiled(p, tile, out_begin, out_end, scratch);
+#endif
+  }
+  return k::portable::grouped_tiled(p, tile, out_begin, out_end, scratch);
+}
+
+// Either layout's problem (its batch, in_features and out_features), tiled.
+template <class Problem>
+bool run_tiled(const Problem& p, int64_t out_features, Isa isa) {
+  using acc = std::remove_const_t<std::remove_pointer_t<decltype(p.x)>>;
   constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
   const std::vector<k::BatchTile> tiles = batch_tiles(p.batch);
   const int64_t n_tiles = int64_t(tiles.size());
@@ -164,8 +182,8 @@ bool run_tiled(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
   // by tiles would make every core stream all weights once per tile. Each
   // task re-transposes its tile, which costs in_features * tile rows, not out * fan_in.
   const int64_t out_chunks =
-      std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, p.out_features / 64));
-  const int64_t chunk_outputs = ((p.out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
+      std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, out_features / 64));
+  const int64_t chunk_outputs = ((out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
   return parallel_all(0, n_tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
     // 64-byte aligned (torch's CPU allocator): a tile column is one cache
     // line, and a malloc'd buffer (16-byte aligned) splits every zmm load in two.
@@ -175,8 +193,8 @@ bool run_tiled(const k::CondensedLinearProblem<scalar_t, index_t>& p, Isa isa) {
     bool ok = true;
     for (int64_t task = begin; task < end; ++task) {
       const k::BatchTile& tile = tiles[task % n_tiles];  // chunk-major: a thread keeps its slice
-      const int64_t out_begin = std::min(p.out_features, (task / n_tiles) * chunk_outputs);
-      const int64_t out_end = std::min(p.out_features, out_begin + chunk_outputs);
+      const int64_t out_begin = std::min(out_features, (task / n_tiles) * chunk_outputs);
+      const int64_t out_end = std::min(out_features, out_begin + chunk_outputs);
       if (out_begin == out_end) continue;
       ok &= run_tile(p, tile, out_begin, out_end, scratch, isa);
     }
@@ -189,7 +207,7 @@ template <typename scalar_t, typename index_t>
 bool run_rows(const k::CondensedLinearProblem<scalar_t, index_t>& p) {
   const Isa isa = active_isa();
   const Strategy strategy = row_strategy(p.batch, isa);
-  return strategy == Strategy::Tiled ? run_tiled(p, isa) : run_row_walk(p, strategy, isa);
+  return strategy == Strategy::Tiled ? run_tiled(p, p.out_features, isa) : run_row_walk(p, strategy, isa);
 }
 
 // ---- W's column layout, cached per idx version -------------------------------------
@@ -311,6 +329,44 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   return y;
 }
 
+// The grouped layout's tiled kernel wherever the row layout would tile (from
+// two batch rows); fewer rows gain nothing from sharing a column load, so
+// they run the row layout's kernels on the expanded indices (grouped.h).
+at::Tensor condensed_linear_grouped_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                        const std::optional<at::Tensor>& bias) {
+  check_condensed_linear_grouped_inputs(x, values, idx, bias);
+  const int64_t in_features = x.size(-1);
+  const int64_t out_features = values.size(0) * values.size(1);
+  // Validated here, so that an error names the grouped entry idx[group, j].
+  const at::Tensor idx_k = prepare_indices(idx, in_features);
+  const int64_t batch = in_features > 0 ? x.numel() / in_features : 0;
+  const Isa isa = active_isa();
+  if (out_features == 0 || batch == 0 || row_strategy(batch, isa) != Strategy::Tiled) {
+    return condensed_linear_grouped_by_rows(x, values, idx, bias);
+  }
+  at::Tensor y = at::empty(condensed_linear_output_shape(x, out_features), x.options());
+  const at::Tensor values_c = values.contiguous();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor x_2d = rows_in_acc_type(x, batch, in_features);
+  bool inside = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_grouped_cpu", [&] {
+    using kernel_scalar_t = Kernel::type<scalar_t>;
+    using acc = k::acc_t<kernel_scalar_t>;
+    with_index_type(idx_k, [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      const k::GroupedProblem<kernel_scalar_t, index_t> p{
+          x_2d.data_ptr<acc>(), x_2d.stride(0),
+          Kernel::ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(),
+          bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr,
+          Kernel::ptr<scalar_t>(y),
+          batch, in_features, values.size(0), values.size(1), values.size(2)};
+      inside = run_tiled(p, out_features, isa);
+    });
+  });
+  if (!inside) raise_index_error(idx, in_features);
+  return y;
+}
+
 // grad_x = grad_y @ W: the row layout's kernels over W's column layout.
 at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& idx,
                                            int64_t in_features) {
@@ -424,7 +480,9 @@ std::vector<int64_t> source_rows(const std::optional<at::Tensor>& active_rows, i
 // tensors it comes from.
 at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& idx, int64_t in_features,
                                   const std::optional<at::Tensor>& active_rows, std::optional<int64_t> out_features) {
-  const int64_t outputs = out_features.value_or(values.size(0));
+  const bool grouped = values.dim() == 3;
+  const int64_t rows = grouped ? values.size(0) * values.size(1) : values.size(0);
+  const int64_t outputs = out_features.value_or(rows);
   check_pack_inputs(values, idx, in_features, active_rows, outputs);
   const int64_t window = window_width(active_isa());
   const at::Tensor no_tensor;
@@ -432,15 +490,18 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
       &values, &idx, active_rows.has_value() ? &*active_rows : &no_tensor};
   const std::array<int64_t, 3> key{in_features, outputs, window};
   if (auto cached = window_layouts().find(sources, key)) return *cached;
-  const at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
-  const std::vector<int64_t> source_row = source_rows(active_rows, values.size(0), outputs);
-  const at::Tensor values_c = values.contiguous();
+  // Validated as given (an error names idx[group, j]); a grouped layout then
+  // packs as its rows, each group's indices repeated (grouped.h).
+  at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
+  if (grouped) idx_k = narrow_indices(expanded_group_indices(idx, values.size(1)), in_features);
+  const std::vector<int64_t> source_row = source_rows(active_rows, rows, outputs);
+  const at::Tensor values_c = values.reshape({rows, values.size(-1)}).contiguous();
   at::Tensor blob;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "pack_for_inference_cpu", [&] {
     with_index_type(idx_k, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       blob = build_window_layout(Kernel::ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(), source_row, outputs,
-                                 values.size(1), in_features, window);
+                                 values.size(-1), in_features, window);
     });
   });
   window_layouts().insert(sources, key, blob);
@@ -533,6 +594,7 @@ void clear_caches() {
 
 TORCH_LIBRARY_IMPL(condensed_ops, CPU, m) {
   m.impl("condensed_linear", &condensed_linear_cpu);
+  m.impl("condensed_linear_grouped", &condensed_linear_grouped_cpu);
   m.impl("condensed_linear_grad_input", &condensed_linear_grad_input_cpu);
   m.impl("condensed_linear_grad_values", &condensed_linear_grad_values_cpu);
   m.impl("pack_for_inference", &pack_for_inference_cpu);

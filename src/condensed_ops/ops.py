@@ -17,9 +17,14 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
 
     Args:
         x: ``[..., in_features]``, float32 / float16 / bfloat16 / float64, any strides.
-        values: ``[out_features, fan_in]``, same dtype as ``x``.
-        idx: ``[out_features, fan_in]``, int16 / int32 / int64, every entry in
-            ``[0, in_features)`` (checked; an IndexError names the first bad one).
+        values: ``[out_features, fan_in]``, same dtype as ``x``; or, for the
+            *grouped* layout, ``[groups, group_size, fan_in]``: the ``group_size``
+            consecutive outputs of a group share its ``fan_in`` columns
+            (``out_features = groups * group_size``), so each column of ``x`` a
+            kernel loads serves ``group_size`` outputs (fast at large batch).
+        idx: ``[out_features, fan_in]`` (grouped: ``[groups, fan_in]``), int16 /
+            int32 / int64, every entry in ``[0, in_features)`` (checked; an
+            IndexError names the first bad one).
         bias: optional ``[out_features]``, same dtype as ``x``.
 
     Returns:
@@ -32,6 +37,8 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
         _check_tensors("condensed_linear", x=x, values=values, idx=idx, bias=bias)
         if torch.onnx.is_in_onnx_export():
             return _condensed_linear_in_standard_ops(x, values, idx, bias)
+    if values.dim() == 3:
+        return torch.ops.condensed_ops.condensed_linear_grouped(x, values, idx, bias)
     return torch.ops.condensed_ops.condensed_linear(x, values, idx, bias)
 
 
@@ -44,6 +51,9 @@ _onnx_form = "gather"
 def _condensed_linear_in_standard_ops(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The op in operators every ONNX runtime has: Gather + Mul + ReduceSum, or a
     dense MatMul of the scattered weight."""
+    if values.dim() == 3:  # grouped: the same sums over rows, each group's idx row repeated
+        idx = idx.repeat_interleave(values.shape[1], dim=0)
+        values = values.reshape(-1, values.shape[2])
     if _onnx_form == "dense":
         weight = values.new_zeros(values.shape[0], x.shape[-1]).scatter_add(1, idx.long(), values)
         return torch.nn.functional.linear(x, weight, bias)
@@ -148,6 +158,16 @@ def _check_weight_layout(values: Tensor, idx: Tensor, op: str = "condensed_linea
     torch._check_type(values.dtype in _VALUE_DTYPES, lambda: f"{op}: values must be float32, float16, bfloat16 or float64, got {values.dtype}")
 
 
+def _check_grouped_layout(values: Tensor, idx: Tensor, op: str) -> None:
+    torch._check_value(values.dim() == 3, lambda: f"{op}: values must be 3-D [groups, group_size, fan_in], got shape {list(values.shape)}")
+    torch._check_type(idx.dtype in _INDEX_DTYPES, lambda: f"{op}: idx must be int16, int32 or int64, got {idx.dtype}")
+    torch._check_value(
+        idx.dim() == 2 and idx.shape[0] == values.shape[0] and idx.shape[1] == values.shape[2],
+        lambda: f"{op}: idx must be [groups, fan_in] = [{values.shape[0]}, {values.shape[2]}] for values of shape {list(values.shape)}, got {list(idx.shape)}",
+    )
+    torch._check_type(values.dtype in _VALUE_DTYPES, lambda: f"{op}: values must be float32, float16, bfloat16 or float64, got {values.dtype}")
+
+
 def _check_index_dtype(idx: Tensor, op: str = "condensed_linear") -> None:
     torch._check_type(idx.dtype in _INDEX_DTYPES, lambda: f"{op}: idx must be int16, int32 or int64, got {idx.dtype}")
     torch._check_value(idx.dim() == 2, lambda: f"{op}: idx must be 2-D [out_features, fan_in], got shape {list(idx.shape)}")
@@ -174,6 +194,22 @@ def _condensed_linear_fake(x: Tensor, values: Tensor, idx: Tensor, bias: Optiona
         torch._check_type(bias.dtype == values.dtype, lambda: f"condensed_linear: bias must have values' dtype ({values.dtype}), got {bias.dtype}")
         _check_same_device("bias", bias, x, "x")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("condensed_ops::condensed_linear_grouped")
+def _condensed_linear_grouped_fake(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    op = "condensed_linear_grouped"
+    _check_grouped_layout(values, idx, op)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension [..., in_features], got a scalar")
+    torch._check_type(x.dtype == values.dtype, lambda: f"{op}: x and values must share a dtype, got x {x.dtype} and values {values.dtype}")
+    _check_same_device("values", values, x, "x", op)
+    _check_same_device("idx", idx, x, "x", op)
+    out_features = values.shape[0] * values.shape[1]
+    if bias is not None:
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == out_features, lambda: f"{op}: bias must have shape [out_features] = [{out_features}], got {list(bias.shape)}")
+        torch._check_type(bias.dtype == values.dtype, lambda: f"{op}: bias must have values' dtype ({values.dtype}), got {bias.dtype}")
+        _check_same_device("bias", bias, x, "x", op)
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("condensed_ops::condensed_linear_grad_input")
@@ -205,16 +241,20 @@ def _pack_for_inference_fake(
     values: Tensor, idx: Tensor, in_features: int, active_rows: Optional[Tensor] = None, out_features: Optional[int] = None
 ) -> Tensor:
     op = "pack_for_inference"
-    _check_weight_layout(values, idx, op)
+    if values.dim() == 3:
+        _check_grouped_layout(values, idx, op)
+    else:
+        _check_weight_layout(values, idx, op)
     _check_same_device("idx", idx, values, "values", op)
-    outputs = values.shape[0] if out_features is None else out_features
+    rows = values.shape[0] * values.shape[1] if values.dim() == 3 else values.shape[0]
+    outputs = rows if out_features is None else out_features
     if active_rows is None:
-        torch._check_value(outputs == values.shape[0], lambda: f"{op}: out_features must be values.shape[0] = {values.shape[0]} without active_rows, got {outputs}")
+        torch._check_value(outputs == rows, lambda: f"{op}: out_features must be the rows of values ({rows}) without active_rows, got {outputs}")
     else:
         torch._check_type(active_rows.dtype == torch.int64, lambda: f"{op}: active_rows must be int64, got {active_rows.dtype}")
-        torch._check_value(active_rows.dim() == 1 and active_rows.shape[0] == values.shape[0], lambda: f"{op}: active_rows must have shape [values.shape[0]] = [{values.shape[0]}], got {list(active_rows.shape)}")
+        torch._check_value(active_rows.dim() == 1 and active_rows.shape[0] == rows, lambda: f"{op}: active_rows must have one entry per row of values ({rows}), got shape {list(active_rows.shape)}")
         _check_same_device("active_rows", active_rows, values, "values", op)
-        torch._check_value(outputs >= values.shape[0], lambda: f"{op}: out_features must be >= values.shape[0] = {values.shape[0]} with active_rows, got {outputs}")
+        torch._check_value(outputs >= rows, lambda: f"{op}: out_features must be >= the rows of values ({rows}) with active_rows, got {outputs}")
     # The layout's size depends on where idx's entries fall: data, not shape.
     size = torch.library.get_ctx().new_dynamic_size()
     return values.new_empty((size,), dtype=torch.uint8)

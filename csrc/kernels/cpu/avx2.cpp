@@ -198,6 +198,17 @@ bool tiled(const Problem<scalar_t, index_t>& p, const BatchTile& tile, int64_t o
   }
 }
 
+// 8 accumulators again: 8, 4 or 2 rows of a group as the tile widens.
+template <typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, float* scratch) {
+  switch (tile.tile_rows) {
+    case 8: return simd::grouped_tiled<Avx2Vec, 8, 8>(p, tile, out_begin, out_end, scratch);
+    case 16: return simd::grouped_tiled<Avx2Vec, 16, 4>(p, tile, out_begin, out_end, scratch);
+    default: return simd::grouped_tiled<Avx2Vec, 32, 2>(p, tile, out_begin, out_end, scratch);
+  }
+}
+
 template <typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
   return simd::grad_values<Avx2Vec>(p, out_begin, out_end);
@@ -216,7 +227,9 @@ bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block
   template bool gather<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);                  \
   template bool scalar<scalar_t, index_t>(const Problem<scalar_t, index_t>&, int64_t, int64_t);                  \
   template bool tiled<scalar_t, index_t>(const Problem<scalar_t, index_t>&, const BatchTile&, int64_t, int64_t, \
-                                         float*);
+                                         float*);                                                               \
+  template bool grouped_tiled<scalar_t, index_t>(const GroupedProblem<scalar_t, index_t>&, const BatchTile&,     \
+                                                 int64_t, int64_t, float*);
 CONDENSED_OPS_FOR_EACH_SIMD_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
 #undef CONDENSED_OPS_INSTANTIATE
 

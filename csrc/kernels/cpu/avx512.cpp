@@ -124,6 +124,17 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
   }
 }
 
+// A group's rows share each column load: 8 rows x (32 tile rows / 16 lanes) = 16 accumulators.
+template <typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, float* scratch) {
+  switch (tile.tile_rows) {
+    case 8: return simd::grouped_tiled<simd::Avx2Vec, 8, 8>(p, tile, out_begin, out_end, scratch);
+    case 16: return simd::grouped_tiled<Avx512Vec, 16, 8>(p, tile, out_begin, out_end, scratch);
+    default: return simd::grouped_tiled<Avx512Vec, 32, 8>(p, tile, out_begin, out_end, scratch);
+  }
+}
+
 template <typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
   return simd::grad_values<Avx512Vec>(p, out_begin, out_end);
@@ -142,7 +153,9 @@ bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block
 
 #define CONDENSED_OPS_INSTANTIATE(scalar_t, index_t)                                                       \
   template bool tiled<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&, const BatchTile&, \
-                                         int64_t, int64_t, float*);
+                                         int64_t, int64_t, float*);                                        \
+  template bool grouped_tiled<scalar_t, index_t>(const GroupedProblem<scalar_t, index_t>&, const BatchTile&, \
+                                                 int64_t, int64_t, float*);
 CONDENSED_OPS_FOR_EACH_SIMD_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
 #undef CONDENSED_OPS_INSTANTIATE
 

@@ -54,6 +54,25 @@ struct CondensedLinearProblem {
   int64_t entries() const { return row_offsets ? row_offsets[out_features] : out_features * fan_in; }
 };
 
+// The grouped layout: every group_size consecutive outputs share one group's
+// fan_in columns, so each x column a tile loads serves group_size outputs.
+template <typename scalar_t, typename index_t>
+struct GroupedProblem {
+  const acc_t<scalar_t>* x;  // [batch, in_features] in the accumulator type, unit inner stride
+  int64_t x_row_stride;
+  const scalar_t* values;    // [groups, group_size, fan_in]
+  const index_t* idx;        // [groups, fan_in]
+  const scalar_t* bias;      // [out_features], or nullptr
+  scalar_t* y;               // [batch, out_features], contiguous
+  int64_t batch;
+  int64_t in_features;
+  int64_t groups;
+  int64_t group_size;
+  int64_t fan_in;
+
+  int64_t out_features() const { return groups * group_size; }
+};
+
 // ---- tiled: tiles of 8, 16 or 32 batch rows ------------------------------------
 
 // A tile is `rows` batch rows from `batch_begin`, computed `tile_rows` wide
@@ -176,6 +195,11 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
 template <typename acc, typename index_t>
 bool grad_values(const GradValuesProblem<acc, index_t>& p, int64_t out_begin, int64_t out_end);
 
+// The tiled strategy over the grouped layout: outputs [out_begin, out_end) of one tile.
+template <typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, acc_t<scalar_t>* scratch);
+
 // Any window width; false if the layout's step counts are inconsistent.
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end);
@@ -201,12 +225,16 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
 template <typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end);
 
+template <typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, float* scratch);
+
 // Any window width, x by scalar loads.
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end);
 }  // namespace avx2
 
-// AVX-512F flavour of tiled, grad_values and window (permutes need a window of
+// AVX-512F flavour of tiled, grouped_tiled, grad_values and window (permutes need a window of
 // kPermuteWindow columns). Built when CMake defines CONDENSED_OPS_WITH_AVX512.
 namespace avx512 {
 bool cpu_supports();
@@ -214,6 +242,10 @@ bool cpu_supports();
 template <typename scalar_t, typename index_t>
 bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
            int64_t out_end, float* scratch);
+
+template <typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, float* scratch);
 
 template <typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end);

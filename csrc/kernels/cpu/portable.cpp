@@ -28,6 +28,16 @@ int64_t first_index_out_of_range(const index_t* idx, int64_t count, int64_t limi
 
 namespace portable {
 
+// xt[c * kWidth + r] = x[batch_begin + r, c]; padding rows are zero so the
+// inner loops always run the full tile width.
+template <int kWidth, typename acc>
+void transpose_tile(const acc* x, int64_t x_row_stride, const BatchTile& tile, int64_t in_features, acc* xt) {
+  for (int64_t c = 0; c < in_features; ++c) {
+    for (int64_t r = 0; r < kWidth; ++r) xt[c * kWidth + r] = r < tile.rows ? x[(tile.batch_begin + r) * x_row_stride + c] : acc(0);
+  }
+}
+
+
 template <typename scalar_t, typename index_t>
 bool scalar(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end) {
   return scalar_strategy::outputs(p, out_begin, out_end, [](scalar_t v) { return acc_t<scalar_t>(to_float(v)); });
@@ -38,13 +48,7 @@ template <int kWidth, typename scalar_t, typename index_t>
 bool tiled_width(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
                  int64_t out_end, acc_t<scalar_t>* xt) {
   using acc = acc_t<scalar_t>;
-  // xt[c * kWidth + r] = x[batch_begin + r, c]; padding rows are zero so the
-  // inner loop always runs the full tile width.
-  for (int64_t c = 0; c < p.in_features; ++c) {
-    for (int64_t r = 0; r < kWidth; ++r) {
-      xt[c * kWidth + r] = r < tile.rows ? p.x[(tile.batch_begin + r) * p.x_row_stride + c] : acc(0);
-    }
-  }
+  transpose_tile<kWidth>(p.x, p.x_row_stride, tile, p.in_features, xt);
   const uint64_t limit = uint64_t(p.in_features);
   for (int64_t o = out_begin; o < out_end; ++o) {
     const scalar_t* values = p.values + p.row_begin(o);
@@ -73,6 +77,51 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
     case 8: return tiled_width<8>(p, tile, out_begin, out_end, scratch);
     case 16: return tiled_width<16>(p, tile, out_begin, out_end, scratch);
     default: return tiled_width<32>(p, tile, out_begin, out_end, scratch);
+  }
+}
+
+// The grouped layout, one group's rows at a time against each loaded column.
+template <int kWidth, typename scalar_t, typename index_t>
+bool grouped_tiled_width(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                         int64_t out_end, acc_t<scalar_t>* xt) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t kRows = 4;
+  transpose_tile<kWidth>(p.x, p.x_row_stride, tile, p.in_features, xt);
+  const uint64_t limit = uint64_t(p.in_features);
+  const int64_t out_features = p.out_features();
+  for (int64_t o = out_begin; o < out_end;) {
+    const int64_t group = o / p.group_size;
+    const int64_t rows = std::min({kRows, out_end - o, (group + 1) * p.group_size - o});
+    const index_t* idx = p.idx + group * p.fan_in;
+    const scalar_t* values = p.values + o * p.fan_in;  // row o of [groups * group_size, fan_in]
+    acc sum[kRows][kWidth] = {};
+    for (int64_t j = 0; j < p.fan_in; ++j) {
+      const int64_t c = idx[j];
+      if (uint64_t(c) >= limit) return false;
+      const acc* column = xt + c * kWidth;
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc w = to_float(values[r * p.fan_in + j]);
+        for (int i = 0; i < kWidth; ++i) sum[r][i] += w * column[i];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc bias = p.bias ? acc(to_float(p.bias[o + r])) : acc(0);
+      for (int64_t i = 0; i < tile.rows; ++i) {
+        p.y[(tile.batch_begin + i) * out_features + o + r] = from_acc<scalar_t>(sum[r][i] + bias);
+      }
+    }
+    o += rows;
+  }
+  return true;
+}
+
+template <typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, acc_t<scalar_t>* scratch) {
+  switch (tile.tile_rows) {
+    case 8: return grouped_tiled_width<8>(p, tile, out_begin, out_end, scratch);
+    case 16: return grouped_tiled_width<16>(p, tile, out_begin, out_end, scratch);
+    default: return grouped_tiled_width<32>(p, tile, out_begin, out_end, scratch);
   }
 }
 
@@ -134,7 +183,9 @@ bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block
   template bool portable::scalar<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&,       \
                                                     int64_t, int64_t);                                      \
   template bool portable::tiled<scalar_t, index_t>(const CondensedLinearProblem<scalar_t, index_t>&,        \
-                                                   const BatchTile&, int64_t, int64_t, acc_t<scalar_t>*);
+                                                   const BatchTile&, int64_t, int64_t, acc_t<scalar_t>*);   \
+  template bool portable::grouped_tiled<scalar_t, index_t>(const GroupedProblem<scalar_t, index_t>&,        \
+                                                           const BatchTile&, int64_t, int64_t, acc_t<scalar_t>*);
 CONDENSED_OPS_FOR_EACH_TYPE_PAIR(CONDENSED_OPS_INSTANTIATE)
 #undef CONDENSED_OPS_INSTANTIATE
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "simd_common.h"
 
@@ -121,6 +122,95 @@ bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& 
     if (!tiled_block<Vec, kTileRows, 1>(p, xt, o, result)) return false;
     const float bias = p.bias ? load1(p.bias[o]) : 0.f;
     for (int64_t i = 0; i < tile.rows; ++i) y[i * p.out_features + o] = store1<scalar_t>(result[0][i] + bias);
+  }
+  return true;
+}
+
+// ---- grouped: kRows outputs of one group share every loaded column -------------------
+
+// kRows consecutive outputs of `group`, from its row `first_row`, against one
+// tile: each column of the tile is loaded once and multiplied by the kRows
+// weights that read it, so a block of kRows x kVectors accumulators costs
+// kVectors loads + kRows broadcasts per column (a per-row block: 1 + kVectors
+// per output). Writes result[r][i] for tile row i; false at a bad index.
+template <class Vec, int kTileRows, int kRows, typename scalar_t, typename index_t>
+inline bool grouped_block(const GroupedProblem<scalar_t, index_t>& p, const float* xt, int64_t group,
+                          int64_t first_row, float (*result)[kMaxTileRows]) {
+  static_assert(kTileRows % Vec::kLanes == 0, "a tile column is whole vectors");
+  constexpr int kVectors = kTileRows / Vec::kLanes;
+  const index_t* idx = p.idx + group * p.fan_in;
+  const scalar_t* values[kRows];
+  typename Vec::reg acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    values[r] = p.values + (group * p.group_size + first_row + r) * p.fan_in;
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::zero();
+  }
+  const uint64_t limit = uint64_t(p.in_features);
+  for (int64_t j = 0; j < p.fan_in; ++j) {
+    const int64_t c = idx[j];
+    if (uint64_t(c) >= limit) return false;
+    const float* column = xt + c * kTileRows;
+    typename Vec::reg x[kVectors];
+    for (int v = 0; v < kVectors; ++v) x[v] = Vec::load(column + v * Vec::kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const auto w = Vec::broadcast(load1(values[r][j]));
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = Vec::fmadd(w, x[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) Vec::store(result[r] + v * Vec::kLanes, acc[r][v]);
+  }
+  return true;
+}
+
+// Outputs [o, o + count) (inside one group) in blocks of kMaxRows, then 4, 2, 1.
+template <class Vec, int kTileRows, int kMaxRows, typename scalar_t, typename index_t>
+inline bool grouped_run(const GroupedProblem<scalar_t, index_t>& p, const float* xt, int64_t o, int64_t count,
+                        float (*result)[kMaxTileRows]) {
+  const int64_t group = o / p.group_size;
+  int64_t row = o % p.group_size, done = 0;
+  auto blocks = [&](auto rows) {
+    constexpr int kRows = decltype(rows)::value;
+    for (; count - done >= kRows; done += kRows, row += kRows) {
+      if (!grouped_block<Vec, kTileRows, kRows>(p, xt, group, row, result + done)) return false;
+    }
+    return true;
+  };
+  if constexpr (kMaxRows >= 8) {
+    if (!blocks(std::integral_constant<int, 8>{})) return false;
+  }
+  return blocks(std::integral_constant<int, 4>{}) && blocks(std::integral_constant<int, 2>{}) &&
+         blocks(std::integral_constant<int, 1>{});
+}
+
+// One tile of kTileRows rows against outputs [out_begin, out_end): groups of 8
+// outputs (cut where a group of the layout ends) leave through store_group.
+template <class Vec, int kTileRows, int kMaxRows, typename scalar_t, typename index_t>
+bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
+                   int64_t out_end, float* xt) {
+  transpose_tile<kTileRows>(p.x + tile.batch_begin * p.x_row_stride, p.x_row_stride, tile.rows, p.in_features, xt);
+  const int64_t out_features = p.out_features();
+  scalar_t* y = p.y + tile.batch_begin * out_features;
+  alignas(64) GroupResult result = {};
+  auto outputs = [&](int64_t o, int64_t count) {  // count <= kGroupOutputs, maybe across groups
+    for (int64_t done = 0; done < count;) {
+      const int64_t in_group = std::min(count - done, p.group_size - (o + done) % p.group_size);
+      if (!grouped_run<Vec, kTileRows, kMaxRows>(p, xt, o + done, in_group, result + done)) return false;
+      done += in_group;
+    }
+    return true;
+  };
+  int64_t o = out_begin;
+  for (; o + kGroupOutputs <= out_end; o += kGroupOutputs) {
+    if (!outputs(o, kGroupOutputs)) return false;
+    store_group(result, p.bias ? p.bias + o : nullptr, y + o, out_features, tile.rows);
+  }
+  if (o < out_end) {
+    if (!outputs(o, out_end - o)) return false;
+    for (int64_t r = 0; r < out_end - o; ++r) {
+      const float bias = p.bias ? load1(p.bias[o + r]) : 0.f;
+      for (int64_t i = 0; i < tile.rows; ++i) y[i * out_features + o + r] = store1<scalar_t>(result[r][i] + bias);
+    }
   }
   return true;
 }
