@@ -80,7 +80,11 @@ class TensorCache {
 
   static bool cacheable(const Sources& sources) {
     for (const at::Tensor* t : sources) {
-      if (t->defined() && (t->is_inference() || !t->has_storage())) return false;
+      // (symbolic sizes: a tensor traced by torch.compile, which has no address to key on)
+      if (t->defined() && (t->is_inference() || !t->has_storage() ||
+                           t->unsafeGetTensorImpl()->has_symbolic_sizes_strides())) {
+        return false;
+      }
     }
     return sources[0]->defined();
   }

@@ -275,7 +275,11 @@ def sample_inputs(
 
 
 def reference_condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """float64 dense reference: scatter (values, idx) into a dense weight, then F.linear."""
+    """float64 dense reference: scatter (values, idx) into a dense weight, then F.linear.
+    Grouped values ``[groups, group_size, fan_in]`` read their group's idx row."""
+    if values.dim() == 3:
+        idx = idx.repeat_interleave(values.shape[1], dim=0)
+        values = values.reshape(-1, values.shape[2])
     weight = to_dense(values.to(torch.float64), idx, x.shape[-1])
     return F.linear(x.to(torch.float64), weight, None if bias is None else bias.to(torch.float64))
 
