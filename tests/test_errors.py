@@ -27,7 +27,8 @@ def _bad_calls():
     x, values, idx, bias = good_args()
     # (id, args, exception type, regex the message must match)
     yield "values_1d", (x, values[0], idx, bias), ValueError, r"values must be 2-D"
-    yield "values_3d", (x, values[None], idx, bias), ValueError, r"values must be 2-D"
+    # 3-D values are the grouped layout, whose idx is [groups, fan_in].
+    yield "values_3d", (x, values[None], idx, bias), ValueError, r"idx must be \[groups, fan_in\] = \[1, "
     yield "idx_1d", (x, values, idx[0], bias), ValueError, r"idx must be 2-D"
     yield "idx_3d", (x, values, idx[None], bias), ValueError, r"idx must be 2-D"
     yield "idx_values_shape_mismatch", (x, values, idx[:, :2], bias), ValueError, r"idx must have the same shape as values"

@@ -55,11 +55,17 @@ def to_condensed(
 def to_dense(values: Tensor, idx: Tensor, in_features: int) -> Tensor:
     """Scatter ``(values, idx)`` back into a dense ``[out, in_features]`` weight.
 
-    Repeated indices in a row add up, exactly as ``condensed_linear`` sums them.
+    Also takes the grouped layout (``values [groups, group_size, fan_in]``,
+    ``idx [groups, fan_in]``: ``out = groups * group_size``). Repeated indices in a
+    row add up, exactly as ``condensed_linear`` sums them.
     """
+    if values.dim() == 3 and idx.dim() == 2 and idx.shape == (values.shape[0], values.shape[2]):
+        idx = idx.repeat_interleave(values.shape[1], dim=0)
+        values = values.reshape(-1, values.shape[2])
     if values.dim() != 2 or idx.shape != values.shape:
         raise ValueError(
-            f"to_dense: values and idx must both be [out_features, fan_in], got {list(values.shape)} and {list(idx.shape)}"
+            "to_dense: values and idx must both be [out_features, fan_in] (or values [groups, group_size, fan_in] "
+            f"and idx [groups, fan_in]), got {list(values.shape)} and {list(idx.shape)}"
         )
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise TypeError(f"to_dense: idx must be an integer tensor, got {idx.dtype}")

@@ -61,6 +61,7 @@ class RowPlan:
         padded_entries: ``padding.sum()``.
         padding_fraction: ``padded_entries`` over the stored entries: the share of
             kernel work spent on zeros.
+        group_size: consecutive rows that share their columns (1: each row its own).
     """
 
     kept: Tensor
@@ -69,6 +70,7 @@ class RowPlan:
     fan_in: int
     padded_entries: int
     padding_fraction: float
+    group_size: int = 1
 
     @property
     def out_features(self) -> int:
@@ -89,13 +91,18 @@ class RowPlan:
         return self.active_rows.numel() * self.fan_in / dense_entries if dense_entries else 0.0
 
 
-def plan_rows(weight: Tensor, mask: Optional[Tensor] = None) -> RowPlan:
+def plan_rows(weight: Tensor, mask: Optional[Tensor] = None, group_size: int = 1) -> RowPlan:
     """Plan the condensed storage of ``weight`` ``[out, in, *kernel]`` (rows are ``flatten(1)``).
 
     The kept entries are ``mask`` (same shape as ``weight``) or, without one, the
     nonzeros of ``weight``. Rows keeping nothing are ablated; the others are padded
-    up to the largest row count.
+    up to the largest row count. With ``group_size`` g > 1 (it must divide ``out``),
+    each run of g consecutive rows is stored as one group over the union of its
+    rows' columns: groups keeping nothing are ablated, the others padded to the
+    largest union (zeros where a row of the group did not keep the column).
     """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if weight.dim() < 2:
         raise ValueError(f"weight must have at least 2 dims [out, in, *kernel], got shape {list(weight.shape)}")
     if mask is None:
@@ -104,6 +111,8 @@ def plan_rows(weight: Tensor, mask: Optional[Tensor] = None) -> RowPlan:
         raise ValueError(f"mask must have the weight's shape {list(weight.shape)}, got {list(mask.shape)}")
     else:
         kept = mask.to(device=weight.device, dtype=torch.bool).flatten(1)
+    if group_size > 1:
+        return _plan_groups(kept, group_size)
 
     row_counts = kept.sum(dim=1)
     active = row_counts > 0
@@ -125,6 +134,28 @@ def plan_rows(weight: Tensor, mask: Optional[Tensor] = None) -> RowPlan:
     )
 
 
+def _plan_groups(kept: Tensor, group_size: int) -> RowPlan:
+    out_features, in_features = kept.shape
+    if out_features % group_size:
+        raise ValueError(f"group_size={group_size} must divide the layer's {out_features} output rows")
+    groups = kept.view(out_features // group_size, group_size, in_features).any(dim=1)
+    group_plan = plan_rows(groups)  # the groups as rows: ablation and padding
+    group_kept = group_plan.kept.repeat_interleave(group_size, dim=0)
+    padding = group_kept & ~kept
+    stored = group_plan.active_rows.numel() * group_size * group_plan.fan_in
+    padded_entries = int(padding.sum())
+    active_rows = (group_plan.active_rows[:, None] * group_size + torch.arange(group_size, device=kept.device)).flatten()
+    return RowPlan(
+        kept=group_kept,
+        padding=padding,
+        active_rows=active_rows,
+        fan_in=group_plan.fan_in,
+        padded_entries=padded_entries,
+        padding_fraction=padded_entries / stored if stored else 0.0,
+        group_size=group_size,
+    )
+
+
 def _state_problems(module: "CondensedLayer", state: Dict[str, Any], prefix: str) -> List[str]:
     """What is wrong with a checkpoint's condensed layout for ``module``, each naming its key."""
     values, idx, active_rows = (state.get(prefix + name) for name in ("values", "idx", "active_rows"))
@@ -138,16 +169,20 @@ def _state_problems(module: "CondensedLayer", state: Dict[str, Any], prefix: str
     if values is None or idx is None:
         problem("values" if values is None else "idx", "missing, while the checkpoint has the rest of the condensed layout")
         return problems
-    if not isinstance(values, Tensor) or not values.is_floating_point() or values.dim() != 2:
-        problem("values", f"must be a 2-D floating-point tensor [active_neurons, fan_in], got {_describe(values)}")
+    if not isinstance(values, Tensor) or not values.is_floating_point() or values.dim() not in (2, 3):
+        problem(
+            "values",
+            f"must be a floating-point tensor [active_neurons, fan_in] (or grouped [groups, group_size, fan_in]), got {_describe(values)}",
+        )
         return problems
-    rows, fan_in = values.shape
+    rows, fan_in = values.shape[0] * (values.shape[1] if values.dim() == 3 else 1), values.shape[-1]
+    idx_shape = [values.shape[0], fan_in]
     if rows > module.out_features or fan_in > module.in_features:
         problem("values", f"has shape {list(values.shape)}; this layer has out_features={module.out_features} and in_features={module.in_features}")
     if not isinstance(idx, Tensor) or idx.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8):
         problem("idx", f"must be an integer tensor, got {_describe(idx)}")
-    elif idx.shape != values.shape:
-        problem("idx", f"must have values' shape {list(values.shape)}, got {list(idx.shape)}")
+    elif list(idx.shape) != idx_shape:
+        problem("idx", f"must have shape {idx_shape} for values of shape {list(values.shape)}, got {list(idx.shape)}")
     elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= module.in_features):
         bad = ((idx < 0) | (idx >= module.in_features)).nonzero()[0].tolist()
         problem("idx", f"entry {bad} = {int(idx[bad[0], bad[1]])} is outside [0, in_features={module.in_features})")
@@ -211,8 +246,11 @@ class CondensedLayer(nn.Module):
     an image patch).
 
     Attributes:
-        values: Parameter ``[active_neurons, fan_in]``.
-        idx: ``[active_neurons, fan_in]``, the column of each value, ascending per row;
+        values: Parameter ``[active_neurons, fan_in]``; with ``group_size`` g > 1 the
+            grouped layout ``[active_neurons / g, g, fan_in]``: each run of g
+            consecutive outputs shares one set of columns (fast at large batch).
+        idx: ``[active_neurons, fan_in]`` (grouped: ``[active_neurons / g, fan_in]``),
+            the column of each value, ascending per row;
             saved as ``idx`` in the state dict and stored in the buffer ``idx_storage``
             (int16 indices as bytes, which distributed backends can broadcast).
         bias: Parameter ``[out_features]`` or None; ablated neurons keep theirs.
@@ -235,6 +273,7 @@ class CondensedLayer(nn.Module):
     padded_entries: int
     inference_layout: bool
     window_max_batch: int
+    group_size: int
     __jit_ignored_attributes__ = ["idx"]
 
     def __init__(
@@ -247,9 +286,16 @@ class CondensedLayer(nn.Module):
         index_dtype: Optional[torch.dtype],
         device: Optional[Union[str, torch.device]],
         dtype: Optional[torch.dtype],
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         active_neurons = out_features if active_neurons is None else active_neurons
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if out_features % group_size or active_neurons % group_size:
+            raise ValueError(
+                f"group_size={group_size} must divide out_features={out_features} and active_neurons={active_neurons}"
+            )
         if not 0 <= fan_in <= in_features:
             raise ValueError(f"fan_in must be in [0, in_features={in_features}], got {fan_in}")
         if not 0 <= active_neurons <= out_features:
@@ -262,8 +308,9 @@ class CondensedLayer(nn.Module):
         self.padded_entries = 0
         self.inference_layout = True
         self.window_max_batch = _WINDOW_MAX_BATCH
-        self.values = nn.Parameter(torch.empty(active_neurons, fan_in, device=device, dtype=dtype))
-        self._set_idx(torch.empty(active_neurons, fan_in, device=device, dtype=index_dtype))
+        self.group_size = group_size
+        self.values = nn.Parameter(torch.empty(self._values_shape(active_neurons, fan_in), device=device, dtype=dtype))
+        self._set_idx(torch.empty(active_neurons // group_size, fan_in, device=device, dtype=index_dtype))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
@@ -275,6 +322,14 @@ class CondensedLayer(nn.Module):
         self.register_buffer("output_order", None, persistent=False)
         self._derive_output_order()
         self.reset_parameters()
+
+    def _values_shape(self, rows: int, fan_in: int) -> List[int]:
+        g = self.group_size
+        return [rows, fan_in] if g == 1 else [rows // g, g, fan_in]
+
+    def _idx_shape(self) -> List[int]:
+        """idx's shape: one row per row of values (grouped: per group)."""
+        return [self.values.shape[0], self.values.shape[-1]]
 
     @torch.no_grad()
     def _derive_output_order(self) -> None:
@@ -333,7 +388,7 @@ class CondensedLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
-        self.idx = _index_view(self.idx_storage, self.values.shape)  # the buffer may be a new tensor now (.to(device))
+        self.idx = _index_view(self.idx_storage, self._idx_shape())  # the buffer may be a new tensor now (.to(device))
         return self
 
     def __getstate__(self):
@@ -343,15 +398,18 @@ class CondensedLayer(nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self.idx = _index_view(self.idx_storage, self.values.shape)
+        self.__dict__.setdefault("group_size", 1)  # pickled before grouped layouts existed
+        self.idx = _index_view(self.idx_storage, self._idx_shape())
 
     @torch.no_grad()
     def _take_sizes(self, shape: torch.Size, active_rows: Optional[Tensor]) -> None:
-        """Resizes values, idx and active_rows to a checkpoint's (contents follow from the load)."""
-        active_neurons, fan_in = int(shape[0]), int(shape[1])
-        if (active_neurons, fan_in) != tuple(self.values.shape):
-            self.values = nn.Parameter(self.values.new_empty(active_neurons, fan_in), requires_grad=self.values.requires_grad)
-            self._set_idx(self.idx.new_zeros(active_neurons, fan_in))
+        """Resizes values, idx and active_rows to a checkpoint's (contents follow from the
+        load); a 3-D values ``[groups, group_size, fan_in]`` makes the layer grouped."""
+        self.group_size = int(shape[1]) if len(shape) == 3 else 1
+        active_neurons, fan_in = int(shape[0]) * self.group_size, int(shape[-1])
+        if tuple(shape) != tuple(self.values.shape):
+            self.values = nn.Parameter(self.values.new_empty(shape), requires_grad=self.values.requires_grad)
+            self._set_idx(self.idx.new_zeros(int(shape[0]), fan_in))
         self.active_neurons, self.fan_in = active_neurons, fan_in
         if active_rows is None:
             self.active_rows = None
@@ -364,7 +422,7 @@ class CondensedLayer(nn.Module):
         """A random static-sparse layer: ``fan_in`` distinct random columns per active
         row, and values and bias uniform in ``±1/sqrt(fan_in)`` (nn.Linear's default
         for a dense layer of that fan-in)."""
-        columns = torch.rand(self.active_neurons, self.in_features, device=self.idx.device).argsort(dim=1)
+        columns = torch.rand(self.idx.shape[0], self.in_features, device=self.idx.device).argsort(dim=1)
         self.idx.copy_(columns[:, : self.fan_in].sort(dim=1).values)
         bound = 1 / math.sqrt(self.fan_in) if self.fan_in > 0 else 0.0
         nn.init.uniform_(self.values, -bound, bound)
@@ -378,8 +436,8 @@ class CondensedLayer(nn.Module):
         # Zero what the plan pads with: padding may land on entries the mask dropped.
         rows = rows.masked_fill(plan.padding, 0)
         values, idx = to_condensed(rows[plan.active_rows], plan.kept[plan.active_rows], self.idx.dtype)
-        self.values.copy_(values)
-        self.idx.copy_(idx)
+        self.values.copy_(values.view(self.values.shape))
+        self.idx.copy_(idx[:: self.group_size])  # a group's rows share their (ascending) columns
         if self.active_rows is not None:
             self.active_rows.copy_(plan.active_rows)
             self._derive_output_order()
@@ -422,7 +480,7 @@ class CondensedLayer(nn.Module):
         (it cannot spell ``view(dtype)``); the ops' caches key on the memory, so a
         fresh view still finds them."""
         if torch.jit.is_scripting():
-            return torch.ops.condensed_ops.index_view(self.idx_storage, self.values.shape)
+            return torch.ops.condensed_ops.index_view(self.idx_storage, self._idx_shape())
         return self.idx
 
     def _uses_window_layout(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
@@ -436,7 +494,7 @@ class CondensedLayer(nn.Module):
 
     def _dense_rows(self) -> Tensor:
         """The dense rows ``[out_features, in_features]`` (zeros for ablated neurons)."""
-        active_dense = _condensed_to_dense(self.values, self.idx, self.in_features)
+        active_dense = _condensed_to_dense(self.values, self.idx, self.in_features).flatten(0, -2)
         if self.active_rows is None:
             return active_dense
         dense = active_dense.new_zeros(self.out_features, self.in_features)
@@ -455,7 +513,8 @@ class CondensedLayer(nn.Module):
     def _storage_repr(self) -> str:
         ratio = self.storage_bytes() / self.dense_storage_bytes() if self.dense_storage_bytes() else 0.0
         return (
-            f"fan_in={self.fan_in}, ablated_neurons={self.out_features - self.active_neurons}, "
+            f"fan_in={self.fan_in}, " + (f"group_size={self.group_size}, " if self.group_size > 1 else "")
+            + f"ablated_neurons={self.out_features - self.active_neurons}, "
             f"padded_entries={self.padded_entries}, bias={self.bias is not None}, index_dtype={self.idx.dtype}, "
             f"storage={_format_bytes(self.storage_bytes())} ({100 * ratio:.1f}% of dense {_format_bytes(self.dense_storage_bytes())})"
         )
@@ -485,8 +544,9 @@ class CondensedLinear(CondensedLayer):
         index_dtype: Optional[torch.dtype] = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
+        group_size: int = 1,
     ) -> None:
-        super().__init__(in_features, out_features, fan_in, bias, active_neurons, index_dtype, device, dtype)
+        super().__init__(in_features, out_features, fan_in, bias, active_neurons, index_dtype, device, dtype, group_size)
 
     @classmethod
     def from_dense(
@@ -495,22 +555,30 @@ class CondensedLinear(CondensedLayer):
         bias: Optional[Tensor] = None,
         mask: Optional[Tensor] = None,
         index_dtype: Optional[torch.dtype] = None,
+        group_size: int = 1,
     ) -> "CondensedLinear":
         """Condense a dense ``weight [out, in]`` keeping ``mask`` (or, without one, its nonzeros).
 
         ``index_dtype`` None picks int16 when it reaches every column, else int32. A
-        Parameter ``weight`` / ``bias`` passes on its ``requires_grad``."""
+        Parameter ``weight`` / ``bias`` passes on its ``requires_grad``. ``group_size``
+        g > 1 stores the grouped layout (see :func:`plan_rows`): exact for a mask whose
+        runs of g rows share their columns (grouped SRigL's), padded with zeros otherwise."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
-        return cls._from_plan(weight, bias, plan_rows(weight, mask), index_dtype)
+        return cls._from_plan(weight, bias, plan_rows(weight, mask, group_size), index_dtype)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, mask: Optional[Tensor] = None, index_dtype: Optional[torch.dtype] = None
+        cls,
+        linear: nn.Linear,
+        mask: Optional[Tensor] = None,
+        index_dtype: Optional[torch.dtype] = None,
+        group_size: int = 1,
     ) -> "CondensedLinear":
         """Condense ``linear`` keeping ``mask`` (the weight's shape) or, without one, its
-        nonzero weights; ``values`` and ``bias`` keep its parameters' ``requires_grad``."""
-        return cls.from_dense(linear.weight, linear.bias, mask, index_dtype)
+        nonzero weights; ``values`` and ``bias`` keep its parameters' ``requires_grad``.
+        ``group_size``: as in :meth:`from_dense`."""
+        return cls.from_dense(linear.weight, linear.bias, mask, index_dtype, group_size)
 
     @classmethod
     def _from_plan(
@@ -527,6 +595,7 @@ class CondensedLinear(CondensedLayer):
             index_dtype=index_dtype,
             device=weight.device,
             dtype=weight.dtype,
+            group_size=plan.group_size,
         )
         module._load_rows(weight, bias, plan)
         return module
@@ -580,10 +649,19 @@ class CondensedConv2d(CondensedLayer):
         index_dtype: Optional[torch.dtype] = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
+        group_size: int = 1,
     ) -> None:
         kernel_size = _pair(kernel_size)
         super().__init__(
-            in_channels * kernel_size[0] * kernel_size[1], out_channels, fan_in, bias, active_neurons, index_dtype, device, dtype
+            in_channels * kernel_size[0] * kernel_size[1],
+            out_channels,
+            fan_in,
+            bias,
+            active_neurons,
+            index_dtype,
+            device,
+            dtype,
+            group_size,
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -594,14 +672,19 @@ class CondensedConv2d(CondensedLayer):
 
     @classmethod
     def from_conv2d(
-        cls, conv: nn.Conv2d, mask: Optional[Tensor] = None, index_dtype: Optional[torch.dtype] = None
+        cls,
+        conv: nn.Conv2d,
+        mask: Optional[Tensor] = None,
+        index_dtype: Optional[torch.dtype] = None,
+        group_size: int = 1,
     ) -> "CondensedConv2d":
         """Condense ``conv`` keeping ``mask`` (the weight's shape) or, without one, its
-        nonzero weights; ``values`` and ``bias`` keep its parameters' ``requires_grad``."""
+        nonzero weights; ``values`` and ``bias`` keep its parameters' ``requires_grad``.
+        ``group_size``: as in :meth:`CondensedLinear.from_dense` (over output channels)."""
         unsupported = conv2d_unsupported_reason(conv)
         if unsupported is not None:
             raise ValueError(f"CondensedConv2d.from_conv2d: {unsupported}")
-        return cls._from_plan(conv, plan_rows(conv.weight, mask), index_dtype)
+        return cls._from_plan(conv, plan_rows(conv.weight, mask, group_size), index_dtype)
 
     @classmethod
     def _from_plan(cls, conv: nn.Conv2d, plan: RowPlan, index_dtype: Optional[torch.dtype] = None) -> "CondensedConv2d":
@@ -619,6 +702,7 @@ class CondensedConv2d(CondensedLayer):
             index_dtype=index_dtype,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
+            group_size=plan.group_size,
         )
         module._load_rows(conv.weight, conv.bias, plan)
         return module
