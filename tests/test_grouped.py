@@ -171,3 +171,122 @@ def test_bad_arguments_raise_naming_them(change, error, message):
         fake = {k: None if v is None else mode.from_tensor(v) for k, v in arguments.items()}
         with pytest.raises(error, match=message):
             grouped_op(**fake)
+
+
+# ---- modules and conversion -----------------------------------------------------------
+
+
+def grouped_mask(out_features, in_features, fan_in, group_size, ablated_groups=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(out_features, in_features, dtype=torch.bool)
+    for group in range(out_features // group_size):
+        if group not in ablated_groups:
+            mask[group * group_size : (group + 1) * group_size, torch.randperm(in_features, generator=g)[:fan_in]] = True
+    return mask
+
+
+def masked_linear(in_features, out_features, mask):
+    linear = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    return linear
+
+
+@pytest.mark.parametrize("ablated", [(), (1,)])
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_condensed_linear_from_a_grouped_mask_matches_the_masked_linear(ablated, batch):
+    mask = grouped_mask(32, 50, 6, 8, ablated)
+    linear = masked_linear(50, 32, mask)
+    module = condensed_ops.CondensedLinear.from_linear(linear, mask, group_size=8)
+    assert module.values.shape == (4 - len(ablated), 8, 6) and module.idx.shape == (4 - len(ablated), 6)
+    assert module.padded_entries == 0 and module.out_features - module.active_neurons == 8 * len(ablated)
+    x = torch.randn(batch, 50)
+    torch.testing.assert_close(module(x), linear(x))
+    with torch.no_grad():  # batch <= WINDOW_MAX_BATCH runs the window layout
+        torch.testing.assert_close(module(x), linear(x))
+    torch.testing.assert_close(module.to_dense(), linear.weight.detach())
+
+
+def test_grouping_an_ungrouped_weight_pads_each_group_to_its_union():
+    mask = torch.rand(16, 20, generator=torch.Generator().manual_seed(3)) < 0.3
+    linear = masked_linear(20, 16, mask)
+    module = condensed_ops.CondensedLinear.from_linear(linear, group_size=4)
+    union = mask.view(4, 4, 20).any(1).sum(1)
+    assert module.fan_in == int(union.max())
+    assert module.padded_entries == 16 * module.fan_in - int(mask.sum())
+    x = torch.randn(9, 20)
+    torch.testing.assert_close(module(x), linear(x))
+
+
+def test_grouped_module_trains_saves_loads_scripts_and_compiles(tmp_path):
+    mask = grouped_mask(32, 50, 6, 8, (2,))
+    linear = masked_linear(50, 32, mask)
+    module = condensed_ops.CondensedLinear.from_linear(linear, mask, group_size=8)
+    x = torch.randn(12, 50)
+    module(x).square().sum().backward()
+    linear(x).square().sum().backward()
+    active_rows = module.active_rows
+    expected = linear.weight.grad[active_rows].gather(1, module.idx.long().repeat_interleave(8, 0))
+    torch.testing.assert_close(module.values.grad.reshape(-1, 6), expected)
+    torch.testing.assert_close(module.bias.grad, linear.bias.grad)
+
+    blank = condensed_ops.CondensedLinear(50, 32, 3)  # other sizes, row layout: the checkpoint decides
+    blank.load_state_dict(module.state_dict())
+    assert blank.group_size == 8 and blank.values.shape == module.values.shape
+    torch.testing.assert_close(blank(x), module(x))
+    path = tmp_path / "grouped.pt"
+    torch.jit.save(torch.jit.script(module), str(path))
+    torch.testing.assert_close(torch.jit.load(str(path))(x), module(x))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(module, fullgraph=True, backend="eager")(x), module(x))
+
+
+def test_grouped_conv2d_matches_the_masked_conv():
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+    mask = grouped_mask(16, 27, 5, 8).view(16, 3, 3, 3)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    module = condensed_ops.CondensedConv2d.from_conv2d(conv, mask, group_size=8)
+    assert module.values.shape == (2, 8, 5)
+    x = torch.randn(2, 3, 9, 7)
+    torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_condense_groups_where_it_can_and_load_condensed_rebuilds():
+    masks = {"0": grouped_mask(64, 40, 4, 8), "2": grouped_mask(10, 64, 6, 1)}
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        for name, mask in masks.items():
+            model.get_submodule(name).weight.mul_(mask)
+    x = torch.randn(20, 40)
+    expected = model(x)
+    report = condensed_ops.condense(model, masks=masks, min_weights=0, group_size=8, inplace=False)
+    # 10 rows: 8 does not divide them, so the last layer keeps the row layout.
+    assert [layer.group_size for layer in report.converted] == [8, 1]
+    assert "group" in str(report)
+    torch.testing.assert_close(report.model(x), expected)
+    blank = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    condensed_ops.load_condensed(blank, report.model.state_dict())
+    assert blank[0].group_size == 8
+    torch.testing.assert_close(blank(x), expected)
+
+
+def test_condense_keeps_the_row_layout_where_grouping_would_pad():
+    # Constant fan-in but not grouped: a group's union would be mostly padding.
+    mask = condensed_ops.masks.constant_fan_in_mask(64, 40, 4, generator=torch.Generator().manual_seed(1))
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64))
+    report = condensed_ops.condense(model, masks={"0": mask}, min_weights=0, group_size=8)
+    assert report.converted[0].group_size == 1 and report.converted[0].padded_entries == 0
+
+
+@pytest.mark.parametrize("group_size", [0, -2, 2.0, True])
+def test_bad_group_size_is_refused(group_size):
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        condensed_ops.CondensedLinear.from_linear(torch.nn.Linear(8, 8), group_size=group_size)
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        condensed_ops.condense(torch.nn.Sequential(torch.nn.Linear(8, 8)), group_size=group_size)
+
+
+def test_group_size_must_divide_the_rows():
+    with pytest.raises(ValueError, match="group_size=4 must divide the layer's 10 output rows"):
+        condensed_ops.CondensedLinear.from_linear(torch.nn.Linear(8, 10), group_size=4)

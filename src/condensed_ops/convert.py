@@ -4,7 +4,7 @@ condensed modules, and report what was converted and what was not, and why."""
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ class ConvertedLayer:
         padded_entries: zero-valued entries added to even out the rows.
         padding_fraction: ``padded_entries`` over the stored entries.
         dense_bytes, condensed_bytes: weight and bias bytes before, all stored bytes after.
+        group_size: consecutive rows sharing their columns (1: the row layout).
     """
 
     name: str
@@ -58,6 +59,7 @@ class ConvertedLayer:
     padding_fraction: float
     dense_bytes: int
     condensed_bytes: int
+    group_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class CondenseReport:
                     layer.kind,
                     f"{layer.out_features}x{layer.in_features}",
                     str(layer.fan_in),
+                    str(layer.group_size),
                     f"{layer.density:.3f}",
                     str(layer.ablated_neurons),
                     f"{layer.padded_entries} ({100 * layer.padding_fraction:.1f}%)",
@@ -115,8 +118,8 @@ class CondenseReport:
                 ]
                 for layer in self.converted
             ]
-            header = ["name", "kind", "out x in", "fan-in", "density", "ablated", "padding", "dense", "condensed"]
-            lines += _table(header, rows, [False, False, True, True, True, True, True, True, True])
+            header = ["name", "kind", "out x in", "fan-in", "group", "density", "ablated", "padding", "dense", "condensed"]
+            lines += _table(header, rows, [False, False, True, True, True, True, True, True, True, True])
         if self.skipped:
             lines += ["", "skipped:"]
             rows = [[layer.name, layer.kind, layer.reason] for layer in self.skipped]
@@ -183,6 +186,7 @@ def condense(
     masks: Optional[Mapping[str, Tensor]] = None,
     index_dtype: Optional[torch.dtype] = None,
     inplace: bool = True,
+    group_size: Union[int, Mapping[str, int]] = 1,
 ) -> CondenseReport:
     """Replace every eligible ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a
     :class:`CondensedLinear` / :class:`CondensedConv2d` computing the same function.
@@ -218,6 +222,12 @@ def condense(
         masks: ``{layer name: bool mask in the weight's shape}``.
         index_dtype: for every converted layer; None picks int16 when it reaches every column.
         inplace: False converts a deep copy and leaves ``model`` as it was.
+        group_size: store Linear / Conv2d layers in the grouped layout (runs of this
+            many output rows share their columns; faster at large batch; see
+            :meth:`CondensedLinear.from_dense`), one int for all or ``{layer name: g}``.
+            A layer whose rows it does not divide, or whose grouping would pad more
+            than ``max_padding`` (a mask that is not grouped), keeps the row layout
+            (``group`` 1 in the report). Attention projections keep the row layout.
 
     Returns:
         A :class:`CondenseReport`; ``report.model`` is the converted model.
@@ -228,6 +238,10 @@ def condense(
         raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
     if min_weights < 0:
         raise ValueError(f"min_weights must be >= 0, got {min_weights!r}")
+    group_sizes = group_size if isinstance(group_size, Mapping) else {}
+    for g in [group_size] if not isinstance(group_size, Mapping) else list(group_size.values()):
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"group_size must be an int >= 1 (or a mapping of them), got {g!r}")
     _refuse_distributed_wrappers(model, "condense")
     masks = dict(masks or {})
     if not inplace:
@@ -263,7 +277,8 @@ def condense(
         mask = next((masks[n] for n in names if n in masks), None)
         plan: Optional[RowPlan] = None
         if reason is None:
-            plan = plan_rows(module.weight, mask)
+            g = next((group_sizes[n] for n in names if n in group_sizes), 1) if group_sizes else int(group_size)  # type: ignore[arg-type]
+            plan = _grouped_plan(module.weight, mask, g, thresholds.max_padding)
             reason = thresholds.reason_to_skip(plan, kind)
         if reason is not None:
             report.skipped.append(SkippedLayer(_display_name(name), kind, reason))
@@ -282,6 +297,16 @@ def condense(
             _swap(model, name, condensed)
     _leave_dense_fast_paths(model)
     return report
+
+
+def _grouped_plan(weight: Tensor, mask: Optional[Tensor], group_size: int, max_padding: float) -> RowPlan:
+    """The grouped plan when group_size divides the rows and pads at most
+    max_padding of the stored entries; else the row layout's."""
+    rows = plan_rows(weight, mask)
+    if group_size == 1 or weight.shape[0] % group_size:
+        return rows
+    grouped = plan_rows(weight, mask, group_size)
+    return grouped if grouped.padding_fraction <= max_padding else rows
 
 
 @dataclass(frozen=True)
@@ -317,6 +342,7 @@ def _converted(name: str, kind: str, plan: RowPlan, dense_tensors: Iterable[Tens
         padding_fraction=plan.padding_fraction,
         dense_bytes=sum(t.numel() * t.element_size() for t in dense_tensors if t is not None),
         condensed_bytes=condensed.storage_bytes(),
+        group_size=plan.group_size,
     )
 
 
@@ -371,14 +397,20 @@ def _condensed_blank(name: str, state_dict: Mapping[str, Tensor], like: nn.Modul
     values = state_dict[name + ".values"]
     idx = state_dict.get(name + ".idx")
     index_dtype = idx.dtype if isinstance(idx, Tensor) and idx.dtype in (torch.int16, torch.int32) else None
-    options = dict(active_neurons=values.shape[0], index_dtype=index_dtype, device=values.device, dtype=dtype)
+    # A 3-D values is the grouped layout [groups, group_size, fan_in].
+    group_size = int(values.shape[1]) if values.dim() == 3 else 1
+    options = dict(
+        active_neurons=values.shape[0] * group_size, index_dtype=index_dtype, device=values.device, dtype=dtype,
+        group_size=group_size,
+    )
+    fan_in = int(values.shape[-1])
     if isinstance(like, nn.Linear):
-        return nn.utils.skip_init(CondensedLinear, like.in_features, like.out_features, values.shape[1], like.bias is not None, **options)
+        return nn.utils.skip_init(CondensedLinear, like.in_features, like.out_features, fan_in, like.bias is not None, **options)
     unsupported = conv2d_unsupported_reason(like)
     if unsupported is not None:
         raise ValueError(f"load_condensed: {name!r} cannot be condensed: {unsupported}")
     return nn.utils.skip_init(
-        CondensedConv2d, like.in_channels, like.out_channels, like.kernel_size, values.shape[1], like.stride,
+        CondensedConv2d, like.in_channels, like.out_channels, like.kernel_size, fan_in, like.stride,
         _explicit_padding(like), like.dilation, like.bias is not None, **options,
     )
 
