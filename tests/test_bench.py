@@ -231,3 +231,26 @@ def test_each_summary_table_comes_from_one_result_and_names_its_command():
     forward, sixteen = summary.split("**16-bit")
     assert "Command: `first`" in forward and "| 90% | 2.0× |" in forward
     assert "Command: `second`" in sixteen and "3.0× · 0.50×" in sixteen
+
+
+def test_grouped_methods_compute_their_grouped_layer(tmp_path, capsys):
+    layer = bench_methods.random_layer(64, 48, 0.9, seed=5)
+    x = torch.randn(9, 64)
+    for method in bench_methods.layer_methods(layer, 9, ["grouped4", "grouped5"]):
+        if method.name == "grouped5":
+            assert method.unavailable == "5 does not divide out_features=48"
+            continue
+        # Each run of 4 rows reads the columns of its first row.
+        idx = layer.idx[::4].repeat_interleave(4, 0)
+        dense = condensed_ops.to_dense(layer.values.double(), idx.long(), 64)
+        torch.testing.assert_close(method.call().double(), F.linear(method.x.double(), dense), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="grouped<g>"):
+        bench_methods.layer_methods(layer, 1, ["grouped1"])
+    out_json = tmp_path / "grouped.json"
+    main(["--shapes", "64x48", "--sparsity", "0.9", "--batch", "3", "--threads", "1", "--methods", "condensed", "dense",
+          "--group", "1", "4", "--rounds", "3", "--json", str(out_json), "--no-progress"])
+    results = json.loads(out_json.read_text())
+    assert sorted(row["method"] for row in results["rows"]) == ["condensed", "dense", "grouped4"]
+    assert "runs of 4 output rows" in results["methods"]["grouped4"]
+    grouped = next(row for row in results["rows"] if row["method"] == "grouped4")
+    assert grouped["speedup_vs_dense"] > 0

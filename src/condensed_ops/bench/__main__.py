@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], nargs="+", default=["cpu"])
     p.add_argument("--threads", type=_positive, nargs="+", help=f"CPU threads (default: 1 and {torch.get_num_threads()})")
     p.add_argument("--methods", choices=list(METHOD_DESCRIPTIONS), nargs="+", help="default: all the device has")
+    p.add_argument(
+        "--group",
+        type=_positive,
+        nargs="+",
+        default=[],
+        metavar="G",
+        help="also time the grouped layout with runs of G output rows sharing their columns (method grouped<G>; 1 is 'condensed')",
+    )
     p.add_argument("--training", action="store_true", help="time forward + backward (grads to x and weights)")
     p.add_argument("--rounds", type=_positive, help="interleaved rounds per cell (default 15)")
     p.add_argument("--max-seconds", type=float, help="fewer rounds (at least 3) when a cell would take longer (default 5)")
@@ -113,6 +121,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         devices=devices,
         threads=args.threads or default_threads,
         methods=args.methods,
+        group_sizes=[g for g in args.group if g > 1],
         training=args.training,
         rounds=args.rounds or base.rounds,
         max_seconds_per_cell=args.max_seconds or base.max_seconds_per_cell,

@@ -35,6 +35,34 @@ METHOD_DESCRIPTIONS = {
     "dense_fp32": "F.linear in float32 for a 16-bit layer (weights and x converted once, outside the timing)",
     "semi_structured": "CUDA: 2:4 semi-structured sparse weight (to_sparse_semi_structured), 50% sparse, bf16/fp16",
 }
+# "grouped<g>" (e.g. grouped8): the grouped layout, runs of g output rows sharing
+# their columns (the first row's of each run of the layer); see method_description.
+GROUPED_PREFIX = "grouped"
+
+
+def grouped_method(group_size: int) -> str:
+    return f"{GROUPED_PREFIX}{group_size}"
+
+
+def _group_size_of(name: str) -> Optional[int]:
+    suffix = name[len(GROUPED_PREFIX):] if name.startswith(GROUPED_PREFIX) else ""
+    return int(suffix) if suffix.isdigit() and int(suffix) > 1 else None
+
+
+def method_description(name: str) -> str:
+    group_size = _group_size_of(name)
+    if group_size is not None:
+        return (
+            f"condensed_ops.condensed_linear over the grouped layout: runs of {group_size} output rows share "
+            f"their columns (values [out/{group_size}, {group_size}, fan_in], idx [out/{group_size}, fan_in])"
+        )
+    return METHOD_DESCRIPTIONS[name]
+
+
+def is_known_method(name: str) -> bool:
+    return name in METHOD_DESCRIPTIONS or _group_size_of(name) is not None
+
+
 CPU_METHODS = ("condensed", "condensed_packed", "dense", "csr", "gather")
 CUDA_METHODS = ("condensed", "dense", "csr", "gather", "dense_tf32", "dense_bf16", "semi_structured")
 SIXTEEN_BIT_METHODS = ("dense_fp32",)  # added for float16 / bfloat16 layers
@@ -190,9 +218,9 @@ def layer_methods(layer: Layer, batch: int, names: Sequence[str], training: bool
     A method that cannot run for this layer, dtype or device comes back with
     ``unavailable`` set (found by calling it once), never as an exception.
     """
-    unknown = [name for name in names if name not in METHOD_DESCRIPTIONS]
+    unknown = [name for name in names if not is_known_method(name)]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(METHOD_DESCRIPTIONS)}")
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHOD_DESCRIPTIONS)} and grouped<g> for g >= 2")
     device, dtype = layer.values.device, layer.values.dtype
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, layer.in_features, generator=g).to(device=device, dtype=dtype)
@@ -203,6 +231,13 @@ def layer_methods(layer: Layer, batch: int, names: Sequence[str], training: bool
     dense = to_dense(layer.values, layer.idx, layer.in_features) if set(names) - {"condensed", "condensed_packed", "gather"} else None
 
     def build(name: str) -> Method:
+        group_size = _group_size_of(name)
+        if group_size is not None:
+            if layer.out_features % group_size:
+                return Method(name, None, 0, 0, f"{group_size} does not divide out_features={layer.out_features}")
+            values = layer.values.view(layer.out_features // group_size, group_size, layer.fan_in)
+            idx = layer.idx[::group_size].contiguous()
+            return _method(name, problem, lambda x, w: condensed_linear(x, w[0], w[1]), (values, idx), sparse_flops)
         if name == "condensed":
             return _method(name, problem, lambda x, w: condensed_linear(x, w[0], w[1]), (layer.values, layer.idx), sparse_flops)
         if name == "condensed_packed":
@@ -255,4 +290,15 @@ def available_methods(device: torch.device, dtype: torch.dtype = torch.float32) 
     return methods + (SIXTEEN_BIT_METHODS if dtype in (torch.float16, torch.bfloat16) else ())
 
 
-__all__ = ["Layer", "Method", "METHOD_DESCRIPTIONS", "available_methods", "fan_in_for_sparsity", "layer_methods", "random_layer"]
+__all__ = [
+    "Layer",
+    "Method",
+    "METHOD_DESCRIPTIONS",
+    "available_methods",
+    "fan_in_for_sparsity",
+    "grouped_method",
+    "is_known_method",
+    "layer_methods",
+    "method_description",
+    "random_layer",
+]

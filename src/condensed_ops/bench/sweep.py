@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .machine import Roofline, describe_machine, measure_roofline
-from .methods import METHOD_DESCRIPTIONS, available_methods, layer_methods, random_layer
+from .methods import available_methods, grouped_method, layer_methods, method_description, random_layer
 from .timing import speedup, time_interleaved
 
 Progress = Callable[[str], None]
@@ -29,6 +29,7 @@ class SweepConfig:
     devices: Sequence[torch.device] = (torch.device("cpu"),)
     threads: Sequence[Optional[int]] = (None,)
     methods: Optional[Sequence[str]] = None  # None: every method the device has
+    group_sizes: Sequence[int] = ()  # grouped layouts timed beside the methods (grouped<g>)
     training: bool = False
     rounds: int = 15
     max_seconds_per_cell: float = 5.0
@@ -113,6 +114,7 @@ def run_sweep(config: SweepConfig, progress: Optional[Progress] = None, on_cell:
                 for dtype, (in_features, out_features), sparsity in itertools.product(config.dtypes, config.shapes, config.sparsities):
                     layer = random_layer(in_features, out_features, sparsity, dtype, device)
                     names = list(config.methods or available_methods(device, dtype))
+                    names += [grouped_method(g) for g in config.group_sizes if grouped_method(g) not in names]
                     for batch in config.batches:
                         cell = {
                             "device": device.type,
@@ -142,7 +144,7 @@ def run_sweep(config: SweepConfig, progress: Optional[Progress] = None, on_cell:
     return {
         "machine": describe_machine(),
         "config": config.as_dict(),
-        "methods": {name: METHOD_DESCRIPTIONS[name] for name in sorted({row["method"] for row in rows})},
+        "methods": {name: method_description(name) for name in sorted({row["method"] for row in rows})},
         "rooflines": [r.as_dict() for r in rooflines.measured.values()],
         "rows": rows,
     }
