@@ -44,13 +44,14 @@ def grouped_method(group_size: int) -> str:
     return f"{GROUPED_PREFIX}{group_size}"
 
 
-def _group_size_of(name: str) -> Optional[int]:
+def group_size_of(name: str) -> Optional[int]:
+    """g for a grouped<g> method name, else None."""
     suffix = name[len(GROUPED_PREFIX):] if name.startswith(GROUPED_PREFIX) else ""
     return int(suffix) if suffix.isdigit() and int(suffix) > 1 else None
 
 
 def method_description(name: str) -> str:
-    group_size = _group_size_of(name)
+    group_size = group_size_of(name)
     if group_size is not None:
         return (
             f"condensed_ops.condensed_linear over the grouped layout: runs of {group_size} output rows share "
@@ -60,7 +61,7 @@ def method_description(name: str) -> str:
 
 
 def is_known_method(name: str) -> bool:
-    return name in METHOD_DESCRIPTIONS or _group_size_of(name) is not None
+    return name in METHOD_DESCRIPTIONS or group_size_of(name) is not None
 
 
 CPU_METHODS = ("condensed", "condensed_packed", "dense", "csr", "gather")
@@ -231,7 +232,7 @@ def layer_methods(layer: Layer, batch: int, names: Sequence[str], training: bool
     dense = to_dense(layer.values, layer.idx, layer.in_features) if set(names) - {"condensed", "condensed_packed", "gather"} else None
 
     def build(name: str) -> Method:
-        group_size = _group_size_of(name)
+        group_size = group_size_of(name)
         if group_size is not None:
             if layer.out_features % group_size:
                 return Method(name, None, 0, 0, f"{group_size} does not divide out_features={layer.out_features}")
@@ -296,6 +297,7 @@ __all__ = [
     "METHOD_DESCRIPTIONS",
     "available_methods",
     "fan_in_for_sparsity",
+    "group_size_of",
     "grouped_method",
     "is_known_method",
     "layer_methods",

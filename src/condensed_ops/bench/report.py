@@ -15,6 +15,7 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .methods import group_size_of
 from .timing import speedup
 
 Row = Dict[str, object]
@@ -126,6 +127,33 @@ def _forced_paths_table(forced: Sequence[Dict[str, object]]) -> List[str]:
     return lines
 
 
+def _without_grouped(rows: Iterable[Row]) -> List[Row]:
+    """The rows of the row layout and the baselines (grouped layouts have their own table)."""
+    return [row for row in rows if group_size_of(str(row["method"])) is None]
+
+
+def _grouped_table(cells: Sequence[List[Row]]) -> List[str]:
+    """Per cell: dense, the row layout (g = 1) and each grouped layout, times then speed-ups over dense."""
+    sizes = sorted({g for rows in cells for row in rows if (g := group_size_of(str(row["method"]))) is not None})
+    methods = ["dense", "condensed"] + [f"grouped{g}" for g in sizes]
+    labels = ["dense", "g=1"] + [f"g={g}" for g in sizes]
+    step = " fwd+bwd" if cells[0][0].get("training") else ""
+    unit = "µs (graph / eager)" if cells[0][0]["device"] == "cuda" else "µs"
+    header = ["device", "dtype", "threads", "in→out", "sparsity", "batch", *(f"{label}{step} {unit}" for label in labels)]
+    header += [f"{label} vs dense" for label in labels[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rows in cells:
+        by = _by_method(rows)
+        dense = by.get("dense")
+        times = [_time_cell(by[m]) if m in by else "–" for m in methods]
+        ratios = []
+        for m in methods[1:]:
+            good = dense is not None and not dense.get("unavailable") and m in by and not by[m].get("unavailable")
+            ratios.append(_ratio(speedup(dense, by[m])) if good else "–")
+        lines.append("| " + " | ".join(_context(rows[0]) + times + ratios) + " |")
+    return lines
+
+
 def _roofline_table(results: Sequence[Dict[str, object]]) -> List[str]:
     lines = ["| device | dtype | threads | copy GB/s | dense matmul GFLOP/s |", "|---|---|---|---|---|"]
     seen = set()
@@ -184,7 +212,9 @@ def render_markdown(
     out += _roofline_table(results)
     out += ["", "Methods: " + "; ".join(f"**{k}**: {v}" for k, v in _merged_methods(results).items()) + "."]
 
-    rows = [row for result in results for row in result["rows"]]
+    all_rows = [row for result in results for row in result["rows"]]
+    rows = _without_grouped(all_rows)
+    grouped_cells = [cell for cell in _cells(all_rows).values() if len(_without_grouped(cell)) < len(cell)]
     groups: Dict[tuple, List[List[Row]]] = {}
     for key, cell in _cells(rows).items():
         groups.setdefault(key[:4], []).append(cell)
@@ -210,6 +240,15 @@ def render_markdown(
                 "The same cells with one CPU kernel path forced (environment variables, as listed above): the "
                 "gather-free paths are what a CPU with slow gathers runs.", ""]
         out += _forced_paths_table(forced_results) + [""]
+    if grouped_cells:
+        out += ["### The grouped layout", "",
+                "Runs of g output rows share their columns (`values [out/g, g, fan_in]`, `idx [out/g, fan_in]`; "
+                "see docs/kernels.md), timed in the same interleaved rounds as dense and the row layout (g = 1). "
+                "Accuracy of grouped SRigL against per-row SRigL: [accuracy.md](accuracy.md).", ""]
+        for training in (False, True):
+            cells = [cell for cell in grouped_cells if cell[0]["training"] == training]
+            if cells:
+                out += _grouped_table(cells) + [""]
     vits = [vit for result in results for vit in result.get("vit", [])]
     if vits:
         from .vit import format_markdown
@@ -267,7 +306,7 @@ def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] 
     first that has its rows, and names the command that produced it."""
     out = [f"<!-- summary from: {' '.join(sources)} -->"] if sources else []
     results, _ = _split_forced(results)
-    cpu_rows = lambda result: [row for row in result["rows"] if row["device"] == "cpu"]  # noqa: E731
+    cpu_rows = lambda result: _without_grouped(row for row in result["rows"] if row["device"] == "cpu")  # noqa: E731
     rows = [row for result in results for row in cpu_rows(result)]
     if not rows:
         return "\n".join(out + ["No CPU results."]) + "\n"
@@ -335,7 +374,40 @@ def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] 
         out += ["| sparsity | batch | " + " | ".join(f"{i}→{o}" for i, o in shapes) + " |", "|---|---|" + "---|" * len(shapes)]
         for sparsity, batch in keys:
             out.append(f"| {sparsity:.0%} | {batch} | " + " | ".join(_speedup_text(grid(cells, shape).get((sparsity, batch), []), "dense", 0) for shape in shapes) + " |")
+    out += _grouped_summary(results)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _grouped_summary(results: Sequence[Dict[str, object]]) -> List[str]:
+    """Speed-up over dense of the row layout and each grouped layout (CPU, float32, forward),
+    from the first result that has grouped rows; cells are the thread counts."""
+    for result in results:
+        rows = [row for row in result["rows"] if row["device"] == "cpu" and row["dtype"] == "float32" and not row["training"]]
+        cells = [cell for cell in _cells(rows).values() if len(_without_grouped(cell)) < len(cell)]
+        if cells:
+            break
+    else:
+        return []
+    sizes = sorted({g for cell in cells for row in cell if (g := group_size_of(str(row["method"]))) is not None})
+    per_thread: Dict[tuple, List[List[Row]]] = {}
+    for cell in cells:
+        first = cell[0]
+        per_thread.setdefault((first["in_features"], first["out_features"], first["sparsity"], first["batch"]), []).append(cell)
+    out = ["", "**Grouped layout (runs of g output rows share their columns), forward, float32: speed-up over dense "
+           "`F.linear`, for the row layout (g = 1) and each g**", "", f"Command: {_command_line(result)}", ""]
+    out += ["| in→out | sparsity | batch | g=1 | " + " | ".join(f"g={g}" for g in sizes) + " |", "|---|---|---|---|" + "---|" * len(sizes)]
+    for (i, o, sparsity, batch), by_threads in sorted(per_thread.items()):
+        by_threads.sort(key=lambda cell: cell[0]["threads"])
+        texts = []
+        for method in ["condensed"] + [f"grouped{g}" for g in sizes]:
+            ratios = []
+            for cell in by_threads:
+                by = _by_method(cell)
+                ok = "dense" in by and method in by and not by[method].get("unavailable")
+                ratios.append(f"{speedup(by['dense'], by[method]):.1f}×" if ok else "–")
+            texts.append(" / ".join(ratios))
+        out.append(f"| {i}→{o} | {sparsity:.0%} | {batch} | " + " | ".join(texts) + " |")
+    return out
 
 
 def update_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
@@ -370,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.figures:
         from .plots import write_figures
 
-        merged = dict(results[0], rows=[row for r in results for row in r["rows"]], rooflines=[x for r in results for x in r["rooflines"]])
+        merged = dict(results[0], rows=_without_grouped(row for r in results for row in r["rows"]), rooflines=[x for r in results for x in r["rooflines"]])
         figures = [os.path.relpath(p, doc_dir) for p in write_figures(merged, args.figures)]
     section = render_markdown(results, figures, [os.path.relpath(path, doc_dir) for path in args.results])
     details = os.path.relpath(os.path.abspath(args.results_doc), readme_dir) if args.results_doc else "docs/results.md"
