@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# The CUDA kernels' checks for one GPU session, in at most ~6 minutes:
-#   1. environment: GPU, driver, torch, nvcc
-#   2. build: pip install --no-build-isolation --no-deps -e . (needs nothing from the network)
-#   3. the CUDA tests (tests/test_cuda.py)
+# The CUDA kernels' checks for one GPU session, in at most ~330 s:
+#   1. environment: GPU, driver, torch, nvcc; whether this torch survives an
+#      IndexError (a torch build that crashes when an op raises IndexError
+#      must not take the other results down: those tests run apart)
+#   2. build: pip install --no-build-isolation --no-deps -e . (no network)
+#   3. tests/test_cuda.py -k grouped, then the grouped kernel timed against
+#      dense bf16 cuBLAS (CUDA-graph replay, standalone script), then the rest
+#      of tests/test_cuda.py, all without the tests that raise IndexError
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
-#      kernel: forward (shared and L1 x, tiles 1..16, CSR rows), grad_input
-#      (atomic scatter and the column layout: key, sort, offset kernels),
-#      grad_values (with batch splits and the partial-sum kernel), and the
-#      in-kernel guard against indices that skipped validation
-#   5. python -m condensed_ops.bench on CUDA (forward sweep at 90%, training,
-#      ViT end to end), JSON kept for `python -m condensed_ops.bench.report`
-#   6. the rest of the test suite, with whatever time is left
+#      kernel: grouped (tensor cores, every m-tile count, batch tails) and the
+#      per-row ones (forward shared and L1 x, grad_input scatter and columns,
+#      grad_values), and the in-kernel guard against unvalidated indices
+#   5. python -m condensed_ops.bench, grouped g = 1 8 16 32 against dense bf16
+#   6. the tests that raise IndexError, in their own pytest run
 # Each step is cut at its cap or at the overall budget; logs go to $OUT when
-# set (the device tool brings it back: 8 files at most), else to a temp dir.
+# set (the device tool brings back 8 files at most), else to a temp dir.
 #
-#   bash benchmarks/device_check.sh        # from anywhere; DEVICE_CHECK_BUDGET_S=360 by default
+#   bash benchmarks/device_check.sh        # from anywhere; DEVICE_CHECK_BUDGET_S=330 by default
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BUDGET=${DEVICE_CHECK_BUDGET_S:-360}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-330}
 LOG=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
@@ -41,7 +43,8 @@ step() {
   echo "== $name (at most ${cap}s)"
   local t0=$SECONDS
   if declare -F "$1" >/dev/null; then  # a function of this script: timeout needs a process
-    timeout --kill-after=10 "$cap" bash -c "$(declare -f "$1"); \"\$@\"" "$1" "$@" >"$LOG/$name.log" 2>&1
+    # Every function of the script goes along: a step's function calls others.
+    timeout --kill-after=10 "$cap" bash -c "$(declare -f); \"\$@\"" "$1" "$@" >"$LOG/$name.log" 2>&1
   else
     timeout --kill-after=10 "$cap" "$@" >"$LOG/$name.log" 2>&1
   fi
@@ -56,13 +59,18 @@ step() {
 # ---- the Python pieces -------------------------------------------------------------
 
 cat >"$WORK/small_cases.py" <<'EOF'
-"""Small cases of every CUDA kernel, for compute-sanitizer."""
+"""Small cases of every CUDA kernel, for compute-sanitizer. With
+SKIP_BAD_INDEX=1 (a torch that crashes on IndexError) the unvalidated-index
+cases still run, but their report is not raised."""
+import os
+
 import torch
 
 import condensed_ops
 
 grad_input = torch.ops.condensed_ops.condensed_linear_grad_input
 grad_values = torch.ops.condensed_ops.condensed_linear_grad_values
+skip_report = os.environ.get("SKIP_BAD_INDEX") == "1"
 g = torch.Generator().manual_seed(0)
 f32, f16, bf16, f64, i16, i32, i64 = (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                                       torch.int16, torch.int32, torch.int64)
@@ -70,10 +78,16 @@ f32, f16, bf16, f64, i16, i32, i64 = (torch.float32, torch.float16, torch.bfloat
 # several slabs (partial sums in grad_values), odd row lengths.
 CASES = [(1, 37, 29, 11, f32, i16), (5, 100, 40, 19, bf16, i32), (40, 64, 33, 9, f16, i16),
          (70, 50, 20, 13, f32, i32), (3, 30, 7, 5, f64, i64), (300, 24, 10, 24, bf16, i16)]
+# Grouped (batch, in, groups, group_size, fan_in, dtype, index dtype): 1..4
+# m16 tiles, 64- and 128-column batch tiles with tails, fan_in tails.
+GROUPED = [(1, 37, 3, 8, 11, bf16, i16), (17, 64, 2, 24, 40, f16, i32), (130, 100, 2, 32, 77, bf16, i32),
+           (70, 90, 1, 64, 45, f16, i16), (3, 45, 2, 56, 16, bf16, i64)]
 
 
 def expect_report():
     torch.cuda.synchronize()
+    if skip_report:
+        return
     try:
         condensed_ops.condensed_linear(torch.ones(1, 2, device="cuda"), torch.ones(1, 1, device="cuda"),
                                        torch.zeros(1, 1, dtype=torch.int32, device="cuda"))
@@ -83,12 +97,25 @@ def expect_report():
         raise AssertionError("the kernels did not report a bad index")
 
 
+def r(*shape, dtype):
+    return torch.randn(*shape, generator=g).to(dtype).cuda()
+
+
+for batch, n_in, groups, size, k, dtype, index_dtype in GROUPED:
+    x, values, bias = r(batch, n_in, dtype=dtype), r(groups, size, k, dtype=dtype), r(groups * size, dtype=dtype)
+    idx = torch.stack([torch.randperm(n_in, generator=g)[:k] for _ in range(groups)]).to(index_dtype).cuda()
+    condensed_ops.condensed_linear(x, values, idx, bias)
+    info = torch.iinfo(index_dtype)
+    idx.data[0, 0] = info.max
+    idx.data[groups - 1, k - 1] = info.min
+    condensed_ops.condensed_linear(x, values, idx, bias)
+    expect_report()
+
 for x_path in ("shared", "global"):
     condensed_ops._C._set_kernel_option("cuda_x", x_path)
     for batch, n_in, n_out, k, dtype, index_dtype in CASES:
-        def r(*shape):
-            return torch.randn(*shape, generator=g).to(dtype).cuda()
-        x, values, bias, gy = r(batch, n_in), r(n_out, k), r(n_out), r(batch, n_out)
+        x, values, bias = r(batch, n_in, dtype=dtype), r(n_out, k, dtype=dtype), r(n_out, dtype=dtype)
+        gy = r(batch, n_out, dtype=dtype)
         idx = torch.randint(0, n_in, (n_out, k), generator=g).to(index_dtype).cuda()
         condensed_ops.condensed_linear(x, values, idx, bias)
         for path in ("scatter", "columns"):
@@ -120,44 +147,65 @@ env_report() {
   nvcc --version | tail -n 2
   echo "compute-sanitizer: $SANITIZER"
   nproc
+  # Does this torch survive an IndexError raised in C++ (ATen's indexing)?
+  "$PY" -c 'import torch; torch.rand(10)[10]' >/dev/null 2>&1
+  local rc=$?
+  if ((rc == 1)); then echo "torch IndexError probe: raised normally (rc=1)"; else echo "torch IndexError probe: CRASHED (rc=$rc)"; fi
+  echo "$rc" >"$WORK/indexerror_rc"
 }
 
 build() {
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps -v -e . &&
-    "$PY" -c 'import condensed_ops; assert condensed_ops._C.with_cuda, "built without CUDA"; print("with_cuda: True")'
+    "$PY" -c 'import condensed_ops; assert condensed_ops._C.with_cuda, "built without CUDA"; print("with_cuda: True")' || return
+  # The same question for an IndexError raised by one of our C++ ops (CPU).
+  "$PY" -c 'import torch, condensed_ops; condensed_ops.condensed_linear(torch.ones(1, 2), torch.ones(1, 1), torch.tensor([[5]]))' \
+    >/dev/null 2>&1
+  echo "condensed_ops IndexError probe (CPU op): rc=$? (1 = raised normally)"
 }
 
 sanitize() {
-  local tool=$1
+  local tool=$1 skip=0
+  [ "$(cat "$WORK/indexerror_rc" 2>/dev/null)" = 1 ] || skip=1
   # No caching allocator: every tensor its own allocation, so a read past
   # one is outside any allocation and memcheck sees it.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 9 --print-limit 20 \
-    "$PY" "$WORK/small_cases.py"
+  SKIP_BAD_INDEX=$skip PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 9 \
+    --print-limit 20 "$PY" "$WORK/small_cases.py"
 }
-
-env_report 2>&1 | tee -a "$LOG/summary.txt"  # into the summary: few files may come back
-step build 180 build
-step test_cuda 120 "$PY" -m pytest tests/test_cuda.py -q --maxfail=25 -p no:cacheprovider
 sanitizers() {
   sanitize memcheck && sanitize racecheck
 }
 
-# condensed vs dense fp32 / TF32 / bf16, CSR, the paper's gather and 2:4, at
-# 90%: CUDA-graph and eager medians, GB/s and roofline fraction; then forward +
-# backward; then the ViT-B/16 encoder end to end. JSON for the README's report.
-bench() {
-  "$PY" -m condensed_ops.bench --device cuda --dtype bfloat16 float32 --sparsity 0.9 --batch 1 16 256 2048 \
-    --rounds 10 --max-seconds 1 --vit --vit-batch 1 64 256 --json "$LOG/bench_cuda.json" --no-progress &&
-    "$PY" -m condensed_ops.bench --device cuda --training --shapes 768x3072 3072x768 --sparsity 0.9 --batch 256 2048 \
-      --rounds 10 --max-seconds 1 --json "$LOG/bench_cuda_training.json" --no-progress
+bench_grouped() {
+  "$PY" -m condensed_ops.bench --device cuda --dtype bfloat16 --shapes 4096x14336 768x3072 --sparsity 0.9 \
+    --batch 1 16 256 2048 --group 1 8 16 32 --rounds 10 --max-seconds 1 --json "$LOG/bench_grouped.json" --no-progress
 }
-step sanitize 150 sanitizers
-step bench 150 bench
-step test_rest 150 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider --ignore=tests/test_cuda.py
+
+# Tests that raise IndexError on purpose: run on their own, last, so that a
+# torch that crashes on IndexError cannot hide the other results.
+RAISES='bad_index or revalidated or skip_indices or skips_indices'
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider --maxfail=25)
+
+env_report 2>&1 | tee -a "$LOG/summary.txt"  # into the summary: few files may come back
+step build 120 build
+grep -h "IndexError probe" "$LOG/build.log" 2>/dev/null | tee -a "$LOG/summary.txt"
+step t_grouped 60 "${PYTEST[@]}" tests/test_cuda.py -k "grouped and not ($RAISES)"
+step timing 40 "$PY" benchmarks/time_grouped.py
+step t_cuda 60 "${PYTEST[@]}" tests/test_cuda.py -k "not grouped and not ($RAISES)"
+step sanitize 50 sanitizers
+step bench 45 bench_grouped
+step t_raises 30 "${PYTEST[@]}" tests/test_cuda.py -k "$RAISES"
 
 echo
 echo "== summary ($((SECONDS - start))s of ${BUDGET}s; logs in $LOG)"
 cat "$LOG/summary.txt"
 echo
+tail -n 8 "$LOG/timing.log" 2>/dev/null || true
 grep '^|' "$LOG/bench.log" 2>/dev/null || true
-# logs + JSON: at most 8 files come back from the device tool
+# At most 8 files come back: fold the last run's log and the bench JSON into
+# others (summary, build, t_grouped, timing + time_grouped.json, t_cuda, sanitize, bench).
+if [ -f "$LOG/t_raises.log" ]; then
+  { echo "== t_raises"; cat "$LOG/t_raises.log"; } >>"$LOG/t_cuda.log" && rm -f "$LOG/t_raises.log"
+fi
+if [ -f "$LOG/bench_grouped.json" ]; then
+  { echo "== bench_grouped.json"; cat "$LOG/bench_grouped.json"; } >>"$LOG/bench.log" && rm -f "$LOG/bench_grouped.json"
+fi

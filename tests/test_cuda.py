@@ -471,3 +471,145 @@ def test_opcheck(spec, dtype):
     grad_y = torch.randn(*x.shape[:-1], values.shape[0], device=DEVICE, dtype=dtype)
     torch.library.opcheck(grad_input_op.default, (grad_y, values.detach(), idx, x.shape[-1]))
     torch.library.opcheck(grad_values_op.default, (grad_y, x.detach(), idx))
+
+
+# ---- grouped layout: values [groups, group_size, fan_in], idx [groups, fan_in] -------------
+#
+# float16 / bfloat16 with a group size the tensor-core kernel takes (multiples
+# of 8 up to 64) run grouped_forward.cu; everything else, and every backward,
+# runs the per-row kernels on the expanded idx.
+
+grouped_op = torch.ops.condensed_ops.condensed_linear_grouped
+
+# (batch shape, in_features, groups, group_size, fan_in): batch tails of the
+# 64- and 128-column tiles and of the 8-column copies, fan_in tails of the k16
+# step and the 32-wide chunk, pipelines shorter than the ring, every kernel
+# group size (m16 tiles half used at 8, 24, 40, 56) and fallback ones (3, 12).
+GROUPED_SHAPES = [
+    ((1,), 37, 1, 8, 11),
+    ((3,), 50, 5, 16, 13),
+    ((17,), 64, 2, 24, 40),
+    ((130,), 100, 1, 32, 77),
+    ((5,), 33, 5, 40, 1),
+    ((17,), 200, 1, 48, 33),
+    ((3,), 45, 1, 56, 16),
+    ((70,), 90, 2, 64, 32),
+    ((7, 13), 129, 3, 16, 50),
+    ((300,), 4096, 4, 32, 410),
+    ((9,), 30, 4, 3, 7),
+    ((20,), 40, 2, 12, 9),
+]
+
+
+def grouped_cuda_sample(batch, in_features, groups, group_size, fan_in, dtype, index_dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((batch, in_features, groups, group_size, fan_in, seed)).encode()))
+    x = torch.randn(*batch, in_features, generator=g, dtype=torch.float64).to(dtype)
+    values = torch.randn(groups, group_size, fan_in, generator=g, dtype=torch.float64).to(dtype)
+    idx = torch.stack([torch.randperm(in_features, generator=g)[:fan_in] for _ in range(groups)]).to(index_dtype)
+    b = torch.randn(groups * group_size, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, values, idx, b)]
+
+
+def grouped_forward_and_check(x, values, idx, bias):
+    out_shape = (*x.shape[:-1], values.shape[0] * values.shape[1])
+    with poisoned_allocations((math.prod(out_shape), x.dtype)):
+        y = condensed_ops.condensed_linear(x, values, idx, bias)
+    assert y.shape == out_shape and y.is_contiguous() and y.device == x.device
+    assert_matches_reference(y, x, values, idx, bias)
+    return y
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VALUE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}x{s[3]}x{s[4]}")
+def test_grouped_forward_matches_reference(shape, dtype, index_dtype):
+    if not index_dtype_fits(index_dtype, shape[1]):
+        pytest.skip("indices do not fit")
+    grouped_forward_and_check(*grouped_cuda_sample(*shape, dtype, index_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_grouped_forward_without_bias_and_with_strided_x(dtype):
+    x, values, idx, _ = grouped_cuda_sample((33,), 80, 3, 32, 45, dtype, torch.int16)
+    wide = torch.randn(33, 200, device=DEVICE).to(dtype)
+    wide[:, 10:90] = x
+    grouped_forward_and_check(wide[:, 10:90], values, idx, None)  # row stride 200
+    grouped_forward_and_check(x[:1].expand(9, 80), values, idx, None)  # row stride 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_autograd_matches_dense(dtype):
+    x, values, idx, bias = grouped_cuda_sample((21,), 60, 3, 16, 17, dtype, torch.int32)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, values, bias)]
+    y = condensed_ops.condensed_linear(leaves[0], leaves[1], idx, leaves[2])
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    dense_leaves = [t.detach().double().requires_grad_() for t in (x, values, bias)]
+    expanded = idx.long().repeat_interleave(16, 0)
+    weight = torch.zeros(48, 60, dtype=torch.float64, device=DEVICE)
+    weight = weight.scatter(1, expanded, dense_leaves[1].reshape(48, 17))
+    (dense_leaves[0] @ weight.t() + dense_leaves[2]).backward(grad_y.double())
+    tol = grad_tolerances(dtype, 21, 48)
+    for name, got, want in zip(("grad_x", "grad_values", "grad_bias"), leaves, dense_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_grouped_gradcheck_float64():
+    x, values, idx, bias = grouped_cuda_sample((3, 2), 12, 2, 3, 4, torch.float64, torch.int32)
+    x, values, bias = (t.requires_grad_() for t in (x, values, bias))
+    assert torch.autograd.gradcheck(lambda a, b, c: condensed_ops.condensed_linear(a, b, idx, c), (x, values, bias))
+
+
+# Raises IndexError: benchmarks/device_check.sh runs these apart from the rest
+# (a torch build that crashed when a C++ op raised IndexError would take the
+# whole pytest run down with it).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=str)
+def test_grouped_bad_index_raises_naming_the_group_entry(index_dtype, dtype):
+    x, values, idx, bias = grouped_cuda_sample((5,), IN_FEATURES, 4, 16, 9, dtype, index_dtype)
+    idx[2, 7] = IN_FEATURES
+    idx[3, 0] = -1
+    with pytest.raises(IndexError, match=rf"idx\[2, 7\] = {IN_FEATURES} is outside \[0, in_features={IN_FEATURES}\)"):
+        condensed_ops.condensed_linear(x, values, idx, bias)
+    idx[2, 7] = 1
+    idx[3, 0] = 2
+    grouped_forward_and_check(x, values, idx, bias)
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=str)
+def test_grouped_kernel_skips_indices_it_was_not_told_about(index_dtype):
+    x, values, idx, bias = grouped_cuda_sample((20,), IN_FEATURES, 4, 16, 9, torch.bfloat16, index_dtype, seed=3)
+    condensed_ops.condensed_linear(x, values, idx, bias)  # validated and remembered
+    info = torch.iinfo(index_dtype)
+    idx.data[1, 4] = info.max
+    idx.data[3, 8] = info.min
+    got = condensed_ops.condensed_linear(x, values, idx, bias)
+    torch.cuda.synchronize()
+    values_ref, idx_ref = values.clone(), idx.clone()
+    for gr, j in ((1, 4), (3, 8)):
+        values_ref[gr, :, j] = 0
+        idx_ref[gr, j] = 0
+    with pytest.raises(IndexError, match="an earlier call on cuda"):
+        condensed_ops.condensed_linear(x, values, idx_ref, bias)
+    torch.testing.assert_close(got, condensed_ops.condensed_linear(x, values_ref, idx_ref, bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("warmup", [True, False], ids=["warm", "cold"])
+def test_grouped_cuda_graph_capture_and_replay(warmup, dtype):
+    x, values, idx, bias = grouped_cuda_sample((40,), 96, 6, 32, 20, dtype, torch.int64)
+    idx = idx.clone()
+    static_x = x.clone()
+    graph, y = capture(lambda: condensed_ops.condensed_linear(static_x, values, idx, bias), warmup)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, condensed_ops.condensed_linear(static_x, values, idx, bias), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_grouped_opcheck(dtype):
+    x, values, idx, bias = grouped_cuda_sample((6,), 50, 3, 16, 11, dtype, torch.int16)
+    torch.library.opcheck(grouped_op.default, (x, values, idx, bias))
+    torch.library.opcheck(grouped_op.default, (x.requires_grad_(), values.requires_grad_(), idx, bias.requires_grad_()))

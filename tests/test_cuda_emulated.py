@@ -73,6 +73,23 @@ def test_checker_catches_a_dropped_tail_entry(build_dir, tmp_path):
     assert "FAIL forward" in result.stdout and "FAIL grad_x columns" in result.stdout
 
 
+def test_checker_catches_a_grouped_pipeline_that_does_not_wait(build_dir, tmp_path):
+    """The emulated cp.async lands a copy only when a wait retires its group:
+    a grouped kernel that waits for one group too few multiplies a stage whose
+    copies have not landed (NaN garbage in the emulator's shared memory)."""
+    kernels = tmp_path / "kernels"
+    shutil.copytree(emulator.KERNELS, kernels)
+    grouped = kernels / "grouped_forward.cu"
+    wait = "cp_async_wait<kStages - 2>();"
+    source = grouped.read_text()
+    assert source.count(wait) == 1
+    grouped.write_text(source.replace(wait, "cp_async_wait<kStages - 1>();"))
+    executable = emulator.build(build_dir / "grouped_mutant", kernels=kernels)
+    result = run_checker(executable, "grouped")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAIL grouped" in result.stdout
+
+
 def test_translation_rewrites_only_the_cuda_syntax():
     source = (
         "extern __shared__ __align__(16) unsigned char shared_bytes[];\n"

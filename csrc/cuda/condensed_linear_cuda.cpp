@@ -11,11 +11,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <mutex>
 #include <optional>
+#include <type_traits>
+#include <vector>
 
 #include "../glue_common.h"
+#include "../grouped.h"
 #include "../kernel_options.h"
 #include "../kernels/cuda/condensed_linear_cuda.h"
 #include "../op_checks.h"
@@ -262,12 +266,65 @@ at::Tensor condensed_linear_grad_values_cuda(const at::Tensor& grad_y, const at:
   return grad;
 }
 
+// Grouped layout: the tensor-core kernel for float16 / bfloat16 and the group
+// sizes it takes (grouped_forward_supported); everything else through the
+// per-row op on the expanded idx (grouped.h), the same sums.
+at::Tensor condensed_linear_grouped_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                         const std::optional<at::Tensor>& bias) {
+  check_condensed_linear_grouped_inputs(x, values, idx, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CallContext call = begin_call(x);
+  const int64_t in_features = x.size(-1);
+  const int64_t groups = values.size(0), group_size = values.size(1), fan_in = values.size(2);
+  const int64_t out_features = groups * group_size;
+  // On the grouped idx, so that an error names idx[group, j].
+  validate_indices(idx, in_features, call.capturing);
+  const int64_t batch = x.numel() / std::max<int64_t>(in_features, 1);
+  const bool half_precision = values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16;
+  const k::DeviceLimits& limits = device_limits(call.device);
+  const bool kernel = half_precision && (values.scalar_type() == at::kHalf
+                                             ? k::grouped_forward_supported<__half>(batch, in_features, group_size, fan_in, limits)
+                                             : k::grouped_forward_supported<__nv_bfloat16>(batch, in_features, group_size, fan_in, limits));
+  if (!kernel) return condensed_linear_grouped_by_rows(x, values, idx, bias);
+
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = out_features;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (y.numel() == 0) return y;
+  // x transposed, rows padded to a multiple of 8 (16-byte copies), padding zeroed.
+  const int64_t x_t_row = (batch + 7) / 8 * 8;
+  const at::Tensor x_t = at::empty({in_features, x_t_row}, x.options());
+  x_t.narrow(1, 0, batch).copy_(x.reshape({batch, in_features}).t());
+  if (x_t_row > batch) x_t.narrow(1, batch, x_t_row - batch).zero_();
+  const at::Tensor idx_c = kernel_indices(idx, in_features);
+  const at::Tensor values_c = aligned_contiguous(values);
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_grouped_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      using kernel_scalar_t = Kernel::type<scalar_t>;
+      with_index_type(idx_c, [&](auto index_tag) {
+        using index_t = decltype(index_tag);
+        const k::GroupedForwardProblem<kernel_scalar_t, index_t> p{
+            Kernel::ptr<scalar_t>(x_t), x_t_row,
+            Kernel::ptr<scalar_t>(values_c), idx_c.data_ptr<index_t>(),
+            bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr,
+            Kernel::ptr<scalar_t>(y), out_features,
+            batch, in_features, groups, group_size, fan_in, call.flag};
+        C10_CUDA_CHECK(k::launch_grouped_forward(p, limits, call.stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(condensed_ops, CUDA, m) {
   m.impl("condensed_linear", &condensed_linear_cuda);
   m.impl("condensed_linear_grad_input", &condensed_linear_grad_input_cuda);
   m.impl("condensed_linear_grad_values", &condensed_linear_grad_values_cuda);
+  m.impl("condensed_linear_grouped", &condensed_linear_grouped_cuda);
 }
 
 }  // namespace condensed_ops::cuda

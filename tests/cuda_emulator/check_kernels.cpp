@@ -95,8 +95,8 @@ bool close(double got, double expected, double magnitude, int64_t terms) {
   return std::abs(got - expected) <= bound;
 }
 
-template <typename T>
-void expect_close(const char* what, const Case& c, const std::vector<T>& got, const std::vector<double>& expected,
+template <typename T, typename CaseT>
+void expect_close(const char* what, const CaseT& c, const std::vector<T>& got, const std::vector<double>& expected,
                   const std::vector<double>& magnitude, const std::vector<int64_t>& terms, int64_t rows, int64_t columns,
                   int64_t row_stride) {
   ++checks;
@@ -341,6 +341,153 @@ void check_all(const std::vector<Case>& cases, std::mt19937_64& rng) {
   }
 }
 
+// ---- grouped forward (tensor cores) ----------------------------------------------
+
+struct GroupedCase {
+  int64_t batch, in_features, groups, group_size, fan_in;
+  int bad_indices = 0;
+  bool bias = true;
+  int64_t x_t_padding = 0;  // x_t row stride = round_up(batch, 8) + padding (a multiple of 8)
+  int64_t y_row_padding = 0;
+  k::DeviceLimits limits{k::DeviceLimits{132, 227 * 1024, 228 * 1024}};
+
+  std::string describe() const {
+    char s[256];
+    std::snprintf(s, sizeof s, "grouped batch=%" PRId64 " in=%" PRId64 " groups=%" PRId64 " g=%" PRId64
+                  " fan_in=%" PRId64 " bad=%d bias=%d x_t_pad=%" PRId64 " y_pad=%" PRId64 " grid_y<=%d",
+                  batch, in_features, groups, group_size, fan_in, bad_indices, int(bias), x_t_padding, y_row_padding,
+                  limits.max_grid_y);
+    return s;
+  }
+};
+
+template <typename scalar_t, typename index_t>
+void check_grouped_case(const GroupedCase& c, std::mt19937_64& rng) {
+  const int64_t B = c.batch, I = c.in_features, G = c.groups, g = c.group_size, K = c.fan_in, O = G * g;
+  const int64_t x_t_stride = (B + 7) / 8 * 8 + c.x_t_padding;
+  const int64_t y_stride = O + c.y_row_padding;
+  const std::vector<scalar_t> x = random_values<scalar_t>(rng, size_t(B * I));
+  const std::vector<scalar_t> values = random_values<scalar_t>(rng, size_t(O * K));
+  const std::vector<scalar_t> bias = random_values<scalar_t>(rng, size_t(O));
+  std::vector<index_t> idx(size_t(G * K));
+  std::uniform_int_distribution<int64_t> column(0, I - 1);
+  for (index_t& i : idx) i = index_t(column(rng));
+  const int64_t bad_candidates[] = {-1, I, std::numeric_limits<index_t>::max(), std::numeric_limits<index_t>::min()};
+  std::vector<bool> bad(idx.size(), false);
+  for (int n = 0; n < c.bad_indices; ++n) {
+    const size_t e = size_t(std::uniform_int_distribution<int64_t>(0, G * K - 1)(rng));
+    idx[e] = index_t(bad_candidates[n % 4]);
+    bad[e] = true;
+  }
+  const bool any_bad = std::count(bad.begin(), bad.end(), true) > 0;
+  // x transposed, with NaN in the row padding: padded batch positions must
+  // only reach outputs that are never written.
+  std::vector<scalar_t> x_t = poisoned<scalar_t>(size_t(I * x_t_stride));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < I; ++i) x_t[size_t(i * x_t_stride + b)] = x[size_t(b * I + i)];
+
+  std::vector<double> expected(size_t(B * O)), magnitude(size_t(B * O));
+  std::vector<int64_t> terms(size_t(B * O), K);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t o = 0; o < O; ++o) {
+      const int64_t grp = o / g;
+      double sum = c.bias ? to_double(bias[size_t(o)]) : 0.0, mag = std::abs(sum);
+      for (int64_t j = 0; j < K; ++j) {
+        if (bad[size_t(grp * K + j)]) continue;
+        const double term = to_double(values[size_t(o * K + j)]) * to_double(x[size_t(b * I + idx[size_t(grp * K + j)])]);
+        sum += term;
+        mag += std::abs(term);
+      }
+      expected[size_t(b * O + o)] = sum;
+      magnitude[size_t(b * O + o)] = mag;
+    }
+  }
+  std::vector<scalar_t> y = poisoned<scalar_t>(size_t(B * y_stride));
+  int flag = 0;
+  const k::GroupedForwardProblem<scalar_t, index_t> p{x_t.data(), x_t_stride, values.data(), idx.data(),
+                                                      c.bias ? bias.data() : nullptr, y.data(), y_stride,
+                                                      B, I, G, g, K, &flag};
+  expect(k::grouped_forward_supported<scalar_t>(B, I, g, K, c.limits), "grouped: supported", c.describe());
+  emu::LoadCounter values_loads(values.data(), values.size() * sizeof(scalar_t));
+  expect(k::launch_grouped_forward(p, c.limits, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
+         "grouped: launch", c.describe());
+  // Each block stages its group's weights once (16-byte loads), whatever
+  // number of batch tiles it strides over.
+  const int64_t batch_tile = B <= 64 ? 64 : 128;
+  const int64_t blocks_per_group = std::min<int64_t>((B + batch_tile - 1) / batch_tile, c.limits.max_grid_y);
+  expect(values_loads.bytes() == O * K * int64_t(sizeof(scalar_t)) * blocks_per_group &&
+             values_loads.wide_loads() * 16 == values_loads.bytes(),
+         "grouped: weights not staged exactly once per block, 16 bytes at a time", c.describe());
+  expect_close("grouped", c, y, expected, magnitude, terms, B, O, y_stride);
+  bool padding_kept = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t o = O; o < y_stride; ++o) padding_kept &= std::isnan(to_double(y[size_t(b * y_stride + o)]));
+  expect(padding_kept, "grouped: wrote into y's row padding", c.describe());
+  expect(flag == int(any_bad), "grouped: bad-index flag", c.describe());
+}
+
+template <typename scalar_t, typename index_t>
+void check_grouped(const std::vector<GroupedCase>& cases, std::mt19937_64& rng) {
+  for (const GroupedCase& c : cases) {
+    if (std::is_same_v<index_t, int16_t> && c.in_features > std::numeric_limits<int16_t>::max()) continue;
+    check_grouped_case<scalar_t, index_t>(c, rng);
+  }
+}
+
+// What the grouped kernel refuses (the glue falls back to the per-row op).
+void check_grouped_refusals() {
+  const k::DeviceLimits h100{132, 227 * 1024, 228 * 1024};
+  expect(!k::grouped_forward_supported<float>(16, 64, 16, 8, h100), "grouped: float32 supported", "");
+  expect(!k::grouped_forward_supported<double>(16, 64, 16, 8, h100), "grouped: float64 supported", "");
+  for (const int64_t g : {1, 4, 12, 20, 72, 128}) {
+    expect(!k::grouped_forward_supported<__nv_bfloat16>(16, 64, g, 8, h100), "grouped: odd group size supported",
+           std::to_string(g));
+  }
+  for (const int64_t g : {8, 16, 24, 32, 40, 48, 56, 64}) {
+    expect(k::grouped_forward_supported<__half>(256, 4096, g, 410, h100), "grouped: group size refused",
+           std::to_string(g));
+  }
+  // Weights past the shared budget: refused, not launched.
+  expect(!k::grouped_forward_supported<__nv_bfloat16>(256, 1 << 20, 64, 1 << 16, h100), "grouped: huge fan_in", "");
+  expect(!k::grouped_forward_supported<__nv_bfloat16>(256, 4096, 32, 410, k::DeviceLimits{2, 48 * 1024, 64 * 1024}),
+         "grouped: shared memory past a 48 KB device", "");
+  int flag = 0;
+  const k::GroupedForwardProblem<__nv_bfloat16, int16_t> bad_stride{nullptr, 12, nullptr, nullptr, nullptr, nullptr,
+                                                                    16, 5, 10, 1, 16, 4, &flag};
+  expect(k::launch_grouped_forward(bad_stride, h100, nullptr) == cudaErrorInvalidValue,
+         "grouped: x_t row stride not a multiple of 8 accepted", "");
+}
+
+// Batch tails (1, 3, 17, 130: tiles of 64 and 128, partial 8-column pieces),
+// fan_in tails of the k16 step and of the 32-wide chunk, pipelines shorter
+// than the ring, every supported group size (m16 tiles half used at 8, 24,
+// 40, 56), one and several groups, bad indices, padded strides, no bias, and
+// a device whose grid.y of 1 makes a block stride over batch tiles.
+std::vector<GroupedCase> make_grouped_cases(bool full) {
+  std::vector<GroupedCase> cases = {
+      {1, 37, 1, 8, 11},
+      {3, 50, 5, 16, 13},
+      {17, 64, 2, 24, 40},
+      {130, 100, 1, 32, 77},
+      {5, 33, 5, 40, 1},
+      {17, 200, 1, 48, 33},
+      {3, 45, 1, 56, 16},
+      {70, 90, 2, 64, 32},
+      {130, 40, 1, 8, 9, 0, false},
+      {17, 60, 5, 16, 21, 4},
+      {3, 30, 2, 8, 7, 3},
+      {9, 70, 3, 16, 50, 0, true, 16, 5},
+  };
+  GroupedCase striding = {130, 48, 2, 16, 45, 2};
+  striding.limits.max_grid_y = 1;
+  cases.push_back(striding);
+  if (full) {
+    cases.push_back({256, 768, 4, 32, 77});
+    cases.push_back({200, 300, 3, 64, 130, 5});
+  }
+  return cases;
+}
+
 // The planners' promises, over shapes far larger than the emulator can run
 // (up to a million batch rows or input features): launches the hardware
 // accepts (grid, shared memory), every output row and weight entry covered by
@@ -465,8 +612,17 @@ std::vector<Case> make_cases(bool full) {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "quick";
+  if (mode == "grouped") {  // the grouped kernel alone (quick iteration, mutant checks)
+    std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
+    check_grouped_refusals();
+    const std::vector<GroupedCase> grouped = make_grouped_cases(false);
+    check_grouped<__half, int32_t>(grouped, rng);
+    check_grouped<__nv_bfloat16, int16_t>(grouped, rng);
+    std::printf("%d checks over %zu grouped cases, %d failures\n", checks, grouped.size(), failures);
+    return failures == 0 ? 0 : 1;
+  }
   if (mode != "quick" && mode != "full" && mode != "races") {
-    std::fprintf(stderr, "usage: check_kernels [quick|full|races] [seed]\n");
+    std::fprintf(stderr, "usage: check_kernels [quick|full|races|grouped] [seed]\n");
     return 2;
   }
   std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
@@ -483,6 +639,9 @@ int main(int argc, char** argv) {
     std::erase_if(cases, [](const Case& c) { return c.bad_indices > 0 || c.access == k::XAccess::Global || c.batch < 9; });
     check_all<float, int32_t>(cases, rng);
     check_all<__nv_bfloat16, int16_t>(cases, rng);
+    std::vector<GroupedCase> grouped = make_grouped_cases(false);
+    std::erase_if(grouped, [](const GroupedCase& c) { return c.bad_indices > 0; });
+    check_grouped<__nv_bfloat16, int16_t>(grouped, rng);
   } else {
     check_all<float, int16_t>(cases, rng);
     check_all<float, int32_t>(cases, rng);
@@ -492,6 +651,14 @@ int main(int argc, char** argv) {
     check_all<__half, int32_t>(cases, rng);
     check_all<__nv_bfloat16, int16_t>(cases, rng);
     check_all<__nv_bfloat16, int32_t>(cases, rng);
+  }
+  if (mode != "races") {
+    check_grouped_refusals();
+    const std::vector<GroupedCase> grouped = make_grouped_cases(mode == "full");
+    check_grouped<__half, int16_t>(grouped, rng);
+    check_grouped<__half, int32_t>(grouped, rng);
+    check_grouped<__nv_bfloat16, int16_t>(grouped, rng);
+    check_grouped<__nv_bfloat16, int32_t>(grouped, rng);
   }
   std::printf("%d checks over %zu cases, %d failures\n", checks, cases.size(), failures);
   return failures == 0 ? 0 : 1;

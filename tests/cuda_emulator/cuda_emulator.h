@@ -20,6 +20,10 @@
 // compiles the .cu files as C++ with this header force-included.
 #pragma once
 
+// device_helpers.cuh leaves its PTX wrappers (cp.async, ldmatrix, mma.sync)
+// to this header.
+#define CONDENSED_OPS_CUDA_EMULATOR 1
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -105,6 +109,7 @@ class Barrier {
 struct Block {
   uint3 index{};
   std::unique_ptr<unsigned char[]> shared;  // exactly the launch's dynamic shared bytes
+  size_t shared_size = 0;
   Barrier barrier;                          // __syncthreads
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
   // Shuffle slots: [warp][phase][lane], 8 bytes each. Alternating phases lets
@@ -160,6 +165,66 @@ T shuffle_xor(unsigned mask, T value, int lane_mask, int width) {
   return result;
 }
 
+inline void record_global_load(const void* p, size_t size);
+
+// All 32 lanes' values of one 8-byte word: the exchange behind the emulated
+// warp-collective instructions (ldmatrix, mma.sync), built like a shuffle.
+inline void warp_all_gather(uint64_t value, uint64_t (&out)[kWarp]) {
+  ThreadState& t = this_thread();
+  if (t.block_dim.x % kWarp != 0) fault("warp-collective instruction in a block that is not a whole number of warps");
+  const unsigned lane = t.thread_idx.x % kWarp, warp = t.thread_idx.x / kWarp;
+  Barrier& barrier = *t.block->warp_barriers[warp];
+  if (barrier.parties() != kWarp) fault("warp-collective instruction (.sync.aligned) after lanes of the warp exited");
+  uint64_t* slots = t.block->shuffle_slots.data() + (size_t(warp) * 2 + t.shuffle_phase) * kWarp;
+  t.shuffle_phase ^= 1;
+  slots[lane] = value;
+  barrier.arrive_and_wait();
+  std::memcpy(out, slots, sizeof(out));
+}
+
+// A shared-memory access of `bytes` at p must lie in the block's dynamic
+// shared memory and be aligned to `alignment`.
+inline void check_shared(const void* p, size_t bytes, size_t alignment, const char* what) {
+  const Block& block = *this_thread().block;
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < block.shared.get() || c + bytes > block.shared.get() + block.shared_size) fault(what);
+  if (reinterpret_cast<uintptr_t>(p) % alignment != 0) fault(what);
+}
+
+// cp.async: copies are queued per thread and land only when a wait_group
+// retires their group (or the thread exits), the latest moment the PTX
+// memory model allows, so a read that does not wait sees the old bytes.
+struct AsyncCopy {
+  void* shared;
+  const void* global;
+  bool fill;
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;                   // issued, not yet committed
+  std::vector<std::vector<AsyncCopy>> committed;  // oldest first
+};
+inline AsyncCopies& async_copies() {
+  thread_local AsyncCopies copies;
+  return copies;
+}
+inline void land(const std::vector<AsyncCopy>& group) {
+  for (const AsyncCopy& c : group) {
+    if (c.fill) {
+      record_global_load(c.global, 16);
+      std::memcpy(c.shared, c.global, 16);
+    } else {
+      std::memset(c.shared, 0, 16);
+    }
+  }
+}
+inline void finish_async_copies() {
+  AsyncCopies& copies = async_copies();
+  for (const auto& group : copies.committed) land(group);
+  land(copies.open);
+  copies.committed.clear();
+  copies.open.clear();
+}
+
 // Counts the read-only loads (__ldg) that fall in one buffer while it lives:
 // how many bytes a kernel streamed from it, and how many loads were 16 bytes
 // wide. Create and destroy outside kernels (no kernel may run meanwhile).
@@ -198,6 +263,8 @@ class LoadCounter {
   const unsigned char* end_;
   std::atomic<int64_t> bytes_{0}, loads_{0}, wide_loads_{0};
 };
+
+inline void record_global_load(const void* p, size_t size) { LoadCounter::record(p, size); }
 
 template <typename T>
 T load_global_readonly(const T* p) {
@@ -255,6 +322,7 @@ class BlockRunner {
       t.grid_dim = grid_;
       t.shuffle_phase = 0;
       (*body_)();
+      finish_async_copies();
       t.block->barrier.leave();
       t.block->warp_barriers[x / kWarp]->leave();
       done_.arrive_and_wait();
@@ -298,6 +366,7 @@ class Launch<void (*)(Params...)> {
           // Shared memory starts as garbage on the GPU: NaN bytes here, in a
           // fresh exact-size allocation so AddressSanitizer sees overruns.
           block.shared.reset(new unsigned char[std::max<size_t>(shared_bytes_, 1)]);
+          block.shared_size = shared_bytes_;
           std::memset(block.shared.get(), 0xff, shared_bytes_);
           runner.run(block, grid_, body);
         }
@@ -353,6 +422,100 @@ inline unsigned short __ldg(const unsigned short* p) { return emu::load_global_r
 
 inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
 inline double atomicAdd(double* address, double value) { return std::atomic_ref<double>(*address).fetch_add(value); }
+
+// ---- device_helpers.cuh's PTX wrappers, with the PTX ISA's semantics ---------
+
+namespace condensed_ops::kernels::cuda {
+
+inline void cp_async_16(void* shared, const void* global, bool fill) {
+  emu::check_shared(shared, 16, 16, "cp.async: destination outside shared memory or not 16-byte aligned");
+  if (fill && reinterpret_cast<uintptr_t>(global) % 16 != 0) emu::fault("cp.async: source not 16-byte aligned");
+  emu::async_copies().open.push_back({shared, global, fill});
+}
+inline void cp_async_commit() {
+  emu::AsyncCopies& copies = emu::async_copies();
+  copies.committed.push_back(std::move(copies.open));
+  copies.open.clear();
+}
+template <int kPending>
+void cp_async_wait() {
+  emu::AsyncCopies& copies = emu::async_copies();
+  while (copies.committed.size() > size_t(kPending)) {
+    emu::land(copies.committed.front());
+    copies.committed.erase(copies.committed.begin());
+  }
+}
+
+namespace emulated {
+inline uint16_t b16_at(uint64_t row_address, int element) {
+  uint16_t v;
+  std::memcpy(&v, reinterpret_cast<const unsigned char*>(row_address) + 2 * element, 2);
+  return v;
+}
+template <bool kTrans>
+void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  emu::check_shared(row, 16, 16, "ldmatrix: row outside shared memory or not 16-byte aligned");
+  uint64_t rows[emu::kWarp];
+  emu::warp_all_gather(reinterpret_cast<uint64_t>(row), rows);
+  const int t = int(threadIdx.x % emu::kWarp);
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t* m = rows + 8 * i;  // matrix i's 8 row addresses
+    const uint16_t lo = kTrans ? b16_at(m[2 * (t % 4)], t / 4) : b16_at(m[t / 4], 2 * (t % 4));
+    const uint16_t hi = kTrans ? b16_at(m[2 * (t % 4) + 1], t / 4) : b16_at(m[t / 4], 2 * (t % 4) + 1);
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+}
+inline float widen(__nv_bfloat16, uint16_t bits) {
+  const uint32_t f = uint32_t(bits) << 16;
+  float v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
+inline float widen(__half, uint16_t bits) {
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+}  // namespace emulated
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emulated::ldmatrix_x4<false>(r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { emulated::ldmatrix_x4<true>(r, row); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane contributes
+// its fragments and receives its four accumulators, in the PTX ISA's layouts
+// (g = lane / 4, q = lane % 4; h selects the 16-bit half, low first):
+//   A[m][k] sits in lane 4 (m % 8) + (k % 8) / 2, register (m >= 8) + 2 (k >= 8), half k % 2
+//   B[k][n] sits in lane 4 n + (k % 8) / 2, register (k >= 8), half k % 2
+//   D[m][n] goes to lane 4 (m % 8) + n / 2, register 2 (m >= 8) + n % 2
+// Products of 16-bit values are exact in float; they are added in k order.
+template <typename scalar_t>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint64_t a01[emu::kWarp], a23[emu::kWarp], b01[emu::kWarp];
+  emu::warp_all_gather(uint64_t(a[0]) | (uint64_t(a[1]) << 32), a01);
+  emu::warp_all_gather(uint64_t(a[2]) | (uint64_t(a[3]) << 32), a23);
+  emu::warp_all_gather(uint64_t(b[0]) | (uint64_t(b[1]) << 32), b01);
+  const auto reg = [](const uint64_t* lo_pair, const uint64_t* hi_pair, int lane, int r) -> uint32_t {
+    const uint64_t w = (r < 2 ? lo_pair : hi_pair)[lane];
+    return uint32_t(r % 2 == 0 ? w : w >> 32);
+  };
+  const auto A = [&](int m, int k) {
+    const uint32_t w = reg(a01, a23, 4 * (m % 8) + (k % 8) / 2, (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0));
+    return emulated::widen(scalar_t{}, uint16_t(k % 2 == 0 ? w : w >> 16));
+  };
+  const auto B = [&](int k, int n) {
+    const uint32_t w = reg(b01, b01, 4 * n + (k % 8) / 2, k >= 8 ? 1 : 0);
+    return emulated::widen(scalar_t{}, uint16_t(k % 2 == 0 ? w : w >> 16));
+  };
+  const int lane = int(threadIdx.x % emu::kWarp);
+  for (int i = 0; i < 4; ++i) {
+    const int m = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < 16; ++k) sum += A(m, k) * B(k, n);
+    d[i] = sum;
+  }
+}
+
+}  // namespace condensed_ops::kernels::cuda
 
 // The runtime calls the kernels' host code makes.
 extern "C" inline cudaError_t cudaGetLastError() {

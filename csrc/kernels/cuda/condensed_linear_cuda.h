@@ -181,4 +181,53 @@ template <typename scalar_t, typename index_t>
 cudaError_t launch_grad_input_scatter(const ScatterGradInputProblem<scalar_t, index_t>& p, const DeviceLimits& limits,
                                       cudaStream_t stream);
 
+
+// ---- grouped constant fan-in: tensor-core forward ----------------------------
+//
+// Groups of group_size consecutive outputs share one set of fan_in columns:
+//   y[b, G * g + r] = bias[G * g + r] + sum_j values[G, r, j] * x[b, idx[G, j]]
+// Per group this is a dense [g, fan_in] x [fan_in, batch] product over the
+// gathered columns, which runs on the tensor cores (mma.sync m16n8k16, fp32
+// accumulation): a block gathers the group's columns of x for a batch tile
+// into shared memory (cp.async, several stages deep) and multiplies them with
+// the group's weights, staged once per block.
+//
+// x comes transposed (x_t[c, b] = x[b, c]): one gathered column is then one
+// contiguous run of batch values, copied 16 bytes at a time. (Gathering the
+// column from x's rows would touch one 32-byte sector per 2-byte value.)
+
+template <typename scalar_t, typename index_t>
+struct GroupedForwardProblem {
+  // x transposed, [in_features, x_t_row_stride]: x_t[c * x_t_row_stride + b] = x[b, c].
+  // 16-byte aligned base; x_t_row_stride a multiple of 8 elements and
+  // >= round_up(batch, 8). Entries [batch, round_up(batch, 8)) of a row are
+  // read too (16-byte copies); they only reach outputs that are not written.
+  const scalar_t* x_t;
+  int64_t x_t_row_stride;
+  const scalar_t* values;  // [groups, group_size, fan_in], contiguous, 16-byte aligned base
+  const index_t* idx;      // [groups, fan_in], contiguous
+  const scalar_t* bias;    // [groups * group_size], or nullptr
+  scalar_t* y;             // [batch, groups * group_size] with row stride y_row_stride
+  int64_t y_row_stride;
+  int64_t batch;
+  int64_t in_features;     // <= INT32_MAX
+  int64_t groups;
+  int64_t group_size;
+  int64_t fan_in;
+  int* bad_index_flag;     // set to 1 when an index is outside [0, in_features); may be nullptr
+};
+
+// Whether launch_grouped_forward takes this problem: __half / __nv_bfloat16
+// values (false for float and double), group_size a multiple of 8 up to 64,
+// and the group's weights plus the pipeline fitting the device's shared memory.
+template <typename scalar_t>
+bool grouped_forward_supported(int64_t batch, int64_t in_features, int64_t group_size, int64_t fan_in,
+                               const DeviceLimits& limits);
+
+// Writes every y[b, o] with b < batch, o < groups * group_size; returns
+// cudaErrorInvalidValue for a problem grouped_forward_supported refuses.
+template <typename scalar_t, typename index_t>
+cudaError_t launch_grouped_forward(const GroupedForwardProblem<scalar_t, index_t>& p, const DeviceLimits& limits,
+                                   cudaStream_t stream);
+
 }  // namespace condensed_ops::kernels::cuda

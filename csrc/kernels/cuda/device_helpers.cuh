@@ -120,6 +120,74 @@ struct SlabColumns {
   }
 };
 
+// ---- tensor-core and asynchronous-copy primitives (sm_80+) -----------------
+// Each PTX instruction sits behind one small wrapper so that the CPU emulator
+// (tests/cuda_emulator/cuda_emulator.h, which defines
+// CONDENSED_OPS_CUDA_EMULATOR) can supply host versions with the same
+// semantics: the fragment layouts of the PTX ISA, copies that land only at
+// the wait.
+#ifndef CONDENSED_OPS_CUDA_EMULATOR
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without passing through registers; `fill` false
+// writes 16 zero bytes and reads nothing (src-size 0). .cg: cached in L2 only,
+// gathered columns are reused across blocks, not within one.
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool fill) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(fill ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Four 8x8 b16 matrices from shared memory; lane t names row t % 8 of matrix
+// t / 8 (16 contiguous bytes). Lane t receives elements [t / 4][2 (t % 4) + h]
+// of matrix i in register i (h = 0 low half).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row))
+               : "memory");
+}
+// The same, transposed: lane t receives elements [2 (t % 4) + h][t / 4].
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row))
+               : "memory");
+}
+
+// d += A (16x16, row) * B (16x8, col), 16-bit inputs, fp32 accumulators, in
+// the m16n8k16 fragment layouts (g = lane / 4, q = lane % 4):
+//   a[i]: A[g + 8 (i & 1)][2q + 8 (i >> 1) + h]   b[i]: B[2q + 8 i + h][g]
+//   d[i]: D[g + 8 (i >> 1)][2q + (i & 1)]
+template <typename scalar_t>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                            const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif  // CONDENSED_OPS_CUDA_EMULATOR
+
 // Tuning shared by the forward and backward kernels (first-principles values
 // for an H100, to be measured there; see NOTES.md).
 constexpr int kThreads = 256;
