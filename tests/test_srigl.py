@@ -93,8 +93,10 @@ def check_layer_invariants(updater: SRigL) -> None:
         assert row_counts[active].tolist() == [layer.fan_in] * int(active.sum()), f"{name}: fan-in not constant"
         assert int(row_counts[~active].sum()) == 0, f"{name}: an ablated neuron has weights"
         assert int(active.sum()) >= 1
-        # The density is kept: at most half a weight per active neuron off the budget.
-        assert abs(int(rows.sum()) - layer.budget) <= int(active.sum()) / 2, name
+        # The fan-in is budget // active neurons: never above the budget, and less
+        # than one weight per active neuron below it.
+        assert layer.fan_in == min(layer.in_features, layer.budget // int(active.sum())), name
+        assert 0 <= layer.budget - int(rows.sum()) < int(active.sum()), name
         assert bool((layer.weight[~layer.mask] == 0).all()), f"{name}: a masked weight is nonzero"
 
 
@@ -222,8 +224,8 @@ def run_to_update_step(run: Run) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], 
 
 
 @pytest.mark.parametrize("model_kind", MODELS)
-def test_each_neuron_drops_its_smallest_weights_and_grows_at_its_largest_gradients(model_kind):
-    run = Run(model_kind, gamma_sal=0.0, alpha=0.5, t_end=40, delta_t=5)
+def test_the_neuron_rule_drops_each_neurons_smallest_weights_and_grows_at_its_largest_gradients(model_kind):
+    run = Run(model_kind, gamma_sal=0.0, alpha=0.5, t_end=40, delta_t=5, drop_rule="neuron")
     drops_checked = 0
     for _ in range(4):  # updates at steps 5, 10, 15, 20
         masks, weights, grads = run_to_update_step(run)
@@ -286,18 +288,20 @@ def test_optimizer_state_is_zeroed_where_the_mask_changed(optimizer_kind):
 # ---- neuron ablation ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("drop_rule", ["layer", "neuron"])
 @pytest.mark.parametrize("gamma_sal,ablated", [(0.3, False), (0.5, True)])
-def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(gamma_sal, ablated):
+def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(gamma_sal, ablated, drop_rule):
     # One layer, 4 neurons x 10 inputs, fan-in 5 (uniform 50%), drop fraction ~0.4:
-    # each neuron drops 2, so unstructured RigL keeps the layer's top 12 |w| among
-    # its 20 active weights and grows the top 8 |grad| among its 20 inactive ones.
+    # the neuron rule drops 2 per neuron (8), the layer rule int(0.4 * 20) = 7, so
+    # unstructured RigL keeps the layer's top 12 (13) |w| among its 20 active weights
+    # and grows the top 8 (7) |grad| among its 20 inactive ones.
     # Neuron 0 has tiny weights and gradients except 2 large inactive gradients:
     # 2 salient weights, below gamma_sal * fan_in = 2.5 but not below 1.5.
-    # Neurons 1-3 each drop only their one weight of 1.0: >= 4 salient each.
+    # Neurons 1-3 each have 4 weights above their one weight of 1.0: >= 4 salient each.
     model = nn.Sequential(nn.Linear(10, 4))
     updater = SRigL(
         model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=gamma_sal, density_method="uniform",
-        ablation_exempt=(), generator=torch.Generator().manual_seed(0),
+        ablation_exempt=(), generator=torch.Generator().manual_seed(0), drop_rule=drop_rule,
     )
     layer = updater.layers["0"]
     assert layer.fan_in == 5
@@ -314,10 +318,10 @@ def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(g
     updater.apply_masks()
     assert updater.step()
     if ablated:
-        # The 20-weight budget is spread over 3 neurons: round(20 / 3) = 7.
+        # The 20-weight budget is spread over 3 neurons: 20 // 3 = 6 (not above the budget).
         assert layer.ablated_neurons.tolist() == [True, False, False, False]
-        assert layer.fan_in == 7
-        assert layer.mask.sum(dim=1).tolist() == [0, 7, 7, 7]
+        assert layer.fan_in == 6
+        assert layer.mask.sum(dim=1).tolist() == [0, 6, 6, 6]
         assert bool((model[0].weight[0] == 0).all())
     else:
         assert not layer.ablated_neurons.any()
