@@ -173,6 +173,9 @@ METHODS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "srigl_g8": ("grouped SRigL g=8", dict(group_size=8)),
     "srigl_g16": ("grouped SRigL g=16", dict(group_size=16)),
     "srigl_g32": ("grouped SRigL g=32", dict(group_size=32)),
+    # Diagnostic: how much of the grouped loss is the output layer (10 rows, so its
+    # classes share columns); group_size takes a {layer: g} dict.
+    "srigl_g8_out1": ("grouped SRigL g=8, output layer per-row", dict(group_size=8, output_group_size=1)),
 }
 
 
@@ -192,6 +195,10 @@ def train_once(task: str, method: str, sparsity: Optional[float], seed: int, epo
     elif method != "dense":
         options = dict(METHODS[method][1])
         reset = options.pop("reset", True)
+        output_group_size = options.pop("output_group_size", None)
+        if output_group_size is not None:
+            names = list(sparsifiable_weights(model))
+            options["group_size"] = {**{name: options["group_size"] for name in names[:-1]}, names[-1]: output_group_size}
         if options.pop("static", False):
             t_end_used = 0  # never rewires
         else:
