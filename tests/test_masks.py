@@ -11,6 +11,7 @@ from condensed_ops.layout import to_condensed
 from condensed_ops.masks import (
     constant_fan_in_mask,
     fan_in_for_density,
+    grouped_fan_in_mask,
     layer_densities,
     magnitude_prune_to_fan_in,
     pad_to_constant_fan_in,
@@ -232,3 +233,48 @@ def test_padding_an_even_mask_adds_nothing():
     padded, report = pad_to_constant_fan_in(mask)
     assert torch.equal(padded, mask)
     assert (report.fan_in, report.padded_entries, report.padding_fraction) == (4, 0, 0.0)
+
+
+# ---- grouped_fan_in_mask -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_features,in_features,fan_in,group_size", [(16, 10, 3, 4), (19, 10, 3, 4), (5, 7, 2, 8), (6, 9, 9, 2), (0, 4, 2, 3), (33, 100, 17, 32)])
+def test_grouped_fan_in_mask_shares_fan_in_columns_within_each_group(out_features, in_features, fan_in, group_size):
+    mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_size, generator=torch.Generator().manual_seed(1))
+    assert mask.dtype == torch.bool and mask.shape == (out_features, in_features)
+    assert mask.sum(dim=1).tolist() == [fan_in] * out_features
+    for start in range(0, out_features, group_size):  # the last group may be partial
+        group = mask[start : start + group_size]
+        assert bool((group == group[0]).all()), f"rows of the group at {start} differ"
+
+
+def test_grouped_fan_in_mask_draws_each_group_at_random():
+    mask = grouped_fan_in_mask(800, 10, 3, 4, generator=torch.Generator().manual_seed(0))
+    firsts = mask[::4]
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in firsts}) > 50
+    column_share = firsts.sum(dim=0).double() / firsts.shape[0]
+    # Binomial(200, 0.3) per column: 5 standard deviations is ~0.16.
+    torch.testing.assert_close(column_share, torch.full((10,), 0.3, dtype=torch.float64), atol=0.16, rtol=0)
+
+
+@pytest.mark.parametrize("out_features", [1, 7, 32])
+def test_grouped_fan_in_mask_with_group_size_1_is_constant_fan_in_mask(out_features):
+    grouped = grouped_fan_in_mask(out_features, 20, 6, 1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(grouped, constant_fan_in_mask(out_features, 20, 6, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(group_size=0), "group_size"),
+        (dict(group_size=2.0), "group_size"),
+        (dict(group_size=True), "group_size"),
+        (dict(fan_in=6), "fan_in"),
+        (dict(out_features=-1), "out_features"),
+    ],
+)
+def test_grouped_fan_in_mask_rejects_bad_arguments(kwargs, argument):
+    arguments = dict(out_features=8, in_features=5, fan_in=2, group_size=4)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=argument):
+        grouped_fan_in_mask(**arguments)

@@ -93,9 +93,15 @@ def check_layer_invariants(updater: SRigL) -> None:
         assert row_counts[active].tolist() == [layer.fan_in] * int(active.sum()), f"{name}: fan-in not constant"
         assert int(row_counts[~active].sum()) == 0, f"{name}: an ablated neuron has weights"
         assert int(active.sum()) >= 1
-        # The density is kept: at most half a weight per active neuron off the budget.
-        assert abs(int(rows.sum()) - layer.budget) <= int(active.sum()) / 2, name
+        # The fan-in is budget // active neurons: never above the budget, and less
+        # than one weight per active neuron below it.
+        assert layer.fan_in == min(layer.in_features, layer.budget // int(active.sum())), name
+        assert 0 <= layer.budget - int(rows.sum()) < int(active.sum()), name
         assert bool((layer.weight[~layer.mask] == 0).all()), f"{name}: a masked weight is nonzero"
+        # Rows of a group share their columns and are ablated together.
+        first_of_group = torch.arange(rows.shape[0]) // layer.group_size * layer.group_size
+        assert torch.equal(rows, rows[first_of_group]), f"{name}: rows of a group differ"
+        assert torch.equal(layer.ablated_neurons, layer.ablated_neurons[first_of_group]), f"{name}: part of a group ablated"
 
 
 # ---- construction ------------------------------------------------------------------
@@ -149,6 +155,12 @@ def test_masks_are_reproducible_from_a_seeded_generator():
         (dict(exclude={"9"}), "exclude"),
         (dict(ablation_exempt={"1"}), "ablation_exempt"),  # a ReLU
         (dict(density_method="snip"), "method"),
+        (dict(group_size=0), "group_size"),
+        (dict(group_size=True), "group_size"),
+        (dict(group_size=2.0), "group_size"),
+        (dict(group_size={"9": 2}), "group_size"),
+        (dict(group_size={"0": 0}), "group_size"),
+        (dict(drop_rule="global"), "drop_rule"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, argument):
@@ -164,10 +176,11 @@ def test_a_model_without_sparsifiable_layers_is_rejected():
 # ---- training invariants ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("group_size", [1, 3])
 @pytest.mark.parametrize("optimizer_kind", ["sgd_momentum", "adam"])
 @pytest.mark.parametrize("model_kind", MODELS)
-def test_invariants_hold_through_many_updates(model_kind, optimizer_kind):
-    run = Run(model_kind, optimizer_kind, gamma_sal=0.6, t_end=100, delta_t=4)
+def test_invariants_hold_through_many_updates(model_kind, optimizer_kind, group_size):
+    run = Run(model_kind, optimizer_kind, gamma_sal=0.6, t_end=100, delta_t=4, group_size=group_size)
     initial = run.masks()
     updates = 0
     for _ in range(110):
@@ -222,8 +235,8 @@ def run_to_update_step(run: Run) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], 
 
 
 @pytest.mark.parametrize("model_kind", MODELS)
-def test_each_neuron_drops_its_smallest_weights_and_grows_at_its_largest_gradients(model_kind):
-    run = Run(model_kind, gamma_sal=0.0, alpha=0.5, t_end=40, delta_t=5)
+def test_the_neuron_rule_drops_each_neurons_smallest_weights_and_grows_at_its_largest_gradients(model_kind):
+    run = Run(model_kind, gamma_sal=0.0, alpha=0.5, t_end=40, delta_t=5, drop_rule="neuron")
     drops_checked = 0
     for _ in range(4):  # updates at steps 5, 10, 15, 20
         masks, weights, grads = run_to_update_step(run)
@@ -286,18 +299,20 @@ def test_optimizer_state_is_zeroed_where_the_mask_changed(optimizer_kind):
 # ---- neuron ablation ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("drop_rule", ["layer", "neuron"])
 @pytest.mark.parametrize("gamma_sal,ablated", [(0.3, False), (0.5, True)])
-def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(gamma_sal, ablated):
+def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(gamma_sal, ablated, drop_rule):
     # One layer, 4 neurons x 10 inputs, fan-in 5 (uniform 50%), drop fraction ~0.4:
-    # each neuron drops 2, so unstructured RigL keeps the layer's top 12 |w| among
-    # its 20 active weights and grows the top 8 |grad| among its 20 inactive ones.
+    # the neuron rule drops 2 per neuron (8), the layer rule int(0.4 * 20) = 7, so
+    # unstructured RigL keeps the layer's top 12 (13) |w| among its 20 active weights
+    # and grows the top 8 (7) |grad| among its 20 inactive ones.
     # Neuron 0 has tiny weights and gradients except 2 large inactive gradients:
     # 2 salient weights, below gamma_sal * fan_in = 2.5 but not below 1.5.
-    # Neurons 1-3 each drop only their one weight of 1.0: >= 4 salient each.
+    # Neurons 1-3 each have 4 weights above their one weight of 1.0: >= 4 salient each.
     model = nn.Sequential(nn.Linear(10, 4))
     updater = SRigL(
         model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=gamma_sal, density_method="uniform",
-        ablation_exempt=(), generator=torch.Generator().manual_seed(0),
+        ablation_exempt=(), generator=torch.Generator().manual_seed(0), drop_rule=drop_rule,
     )
     layer = updater.layers["0"]
     assert layer.fan_in == 5
@@ -314,10 +329,10 @@ def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(g
     updater.apply_masks()
     assert updater.step()
     if ablated:
-        # The 20-weight budget is spread over 3 neurons: round(20 / 3) = 7.
+        # The 20-weight budget is spread over 3 neurons: 20 // 3 = 6 (not above the budget).
         assert layer.ablated_neurons.tolist() == [True, False, False, False]
-        assert layer.fan_in == 7
-        assert layer.mask.sum(dim=1).tolist() == [0, 7, 7, 7]
+        assert layer.fan_in == 6
+        assert layer.mask.sum(dim=1).tolist() == [0, 6, 6, 6]
         assert bool((model[0].weight[0] == 0).all())
     else:
         assert not layer.ablated_neurons.any()
@@ -429,3 +444,155 @@ def test_load_state_dict_rejects_another_models_state():
     state = Run("mlp").updater.state_dict()
     with pytest.raises(ValueError, match="layers"):
         Run("cnn").updater.load_state_dict(state)
+
+
+# ---- the reference (per-layer) drop rule and grouped masks -------------------------------------------
+
+
+def expected_layer_rule(old: Tensor, weight: Tensor, grad: Tensor, group_size: int, drop_fraction: float) -> Tensor:
+    """The per-layer rule without ablation, written group by group: the layer's
+    ``int(drop_fraction * n)`` active (group, column) pairs with the smallest L2 norm of
+    the group's weights go; each group grows as many at the largest summed |grad| among
+    the columns it did not hold."""
+    rows, in_features = old.shape
+    starts = list(range(0, rows, group_size))
+    group_mask = old[starts]
+    drop_score = torch.stack([weight[s : s + group_size].double().pow(2).sum(0).sqrt() for s in starts])
+    grow_score = torch.stack([grad[s : s + group_size].double().abs().sum(0) for s in starts])
+    active = group_mask.nonzero().tolist()
+    drops = int(len(active) * drop_fraction)
+    dropped = sorted(active, key=lambda gc: float(drop_score[gc[0], gc[1]]))[:drops]
+    new_group_mask = group_mask.clone()
+    for group, column in dropped:
+        new_group_mask[group, column] = False
+    for group in range(len(starts)):
+        regrow = int(group_mask[group].sum() - new_group_mask[group].sum())
+        candidates = (~group_mask[group]).nonzero().flatten().tolist()
+        for column in sorted(candidates, key=lambda c: -float(grow_score[group, c]))[:regrow]:
+            new_group_mask[group, column] = True
+    return new_group_mask.repeat_interleave(group_size, dim=0)[:rows]
+
+
+@pytest.mark.parametrize("group_size", [1, 3, 8])
+@pytest.mark.parametrize("model_kind", MODELS)
+def test_the_layer_rule_drops_the_layers_weakest_columns_and_regrows_every_group_to_its_fan_in(model_kind, group_size):
+    # Density 0.3 (<= 0.5): every group can regrow its drops at columns it did not
+    # hold, so exactly int(drop_fraction * n) pairs change. No ablation.
+    run = Run(model_kind, gamma_sal=0.0, alpha=0.5, t_end=40, delta_t=5, density_method="uniform", group_size=group_size)
+    changes = 0
+    for _ in range(4):  # updates at steps 5, 10, 15, 20
+        masks, weights, grads = run_to_update_step(run)
+        drop_fraction = run.updater.drop_fraction(run.updater.steps_taken + 1)
+        assert run.updater.step()
+        for name, layer in run.updater.layers.items():
+            old, new = masks[name].flatten(1), layer.mask.flatten(1)
+            group_starts = old[::group_size]
+            pairs = int(group_starts.sum())
+            dropped, grown = (old & ~new)[::group_size], (new & ~old)[::group_size]
+            # Exactly int(n * drop_fraction) pairs dropped, as many regrown, none of them
+            # at a column the group held before (no weight dropped and regrown at once).
+            assert int(dropped.sum()) == int(grown.sum()) == int(pairs * drop_fraction), name
+            assert new.sum(dim=1).tolist() == [layer.fan_in] * old.shape[0], name
+            expected = expected_layer_rule(old, weights[name].flatten(1), grads[name].flatten(1), group_size, drop_fraction)
+            assert torch.equal(new, expected), name
+            changes += int(dropped.sum())
+        run.optimizer.step()
+    assert changes > 0
+
+
+def test_a_group_size_dict_of_ones_is_group_size_1():
+    # (That group_size=1 is the per-row rule is checked against expected_layer_rule
+    # above and by the neuron-rule test; this one checks the dict form.)
+    first, second = Run(gamma_sal=0.5), Run(gamma_sal=0.5, group_size={"0": 1, "2": 1})
+    for _ in range(40):
+        first.train_step()
+        second.train_step()
+    assert any(layer.ablated_neurons.any() for layer in first.updater.layers.values())
+    for name, mask in first.masks().items():
+        assert torch.equal(mask, second.masks()[name])
+        assert torch.equal(first.updater.layers[name].ablated_neurons, second.updater.layers[name].ablated_neurons)
+
+
+def test_a_group_size_dict_groups_only_the_named_layers():
+    run = Run(group_size={"2": 4})
+    assert [layer.group_size for layer in run.updater.layers.values()] == [1, 4, 1]
+    rows = run.updater.layers["0"].mask
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in rows}) > 1  # per-row masks
+    for _ in range(30):
+        run.train_step()
+    check_layer_invariants(run.updater)
+
+
+@pytest.mark.parametrize("gamma_sal,ablated", [(0.1, False), (0.3, True)])
+def test_a_group_with_too_few_salient_weights_is_ablated_whole(gamma_sal, ablated):
+    # One layer, 8 neurons x 10 inputs in groups of 2, fan-in 5 (uniform 50%), drop
+    # fraction ~0.4: int(0.4 * 40) = 15 weights dropped, so unstructured RigL keeps
+    # the top 25 |w| (all in rows 2-7) and grows the top 15 |grad| among 40 inactive.
+    # Row 0 has 2 large inactive gradients, row 1 (same group) nothing: the group holds
+    # 2 salient weights of 2 * 5 = 10, below gamma_sal = 0.3 of them but not below 0.1.
+    # Rows 2-7 each hold >= 4 of their own 5 weights: >= 0.8 per group.
+    model = nn.Sequential(nn.Linear(10, 8))
+    updater = SRigL(
+        model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=gamma_sal, density_method="uniform",
+        ablation_exempt=(), generator=torch.Generator().manual_seed(0), group_size=2,
+    )
+    layer = updater.layers["0"]
+    assert layer.fan_in == 5
+    g = torch.Generator().manual_seed(1)
+    weight = torch.rand(8, 10, generator=g) + 2
+    grad = torch.rand(8, 10, generator=g) + 1
+    weight[:2], grad[:2] = 1e-3, 1e-3
+    grad[0, (~layer.mask[0]).nonzero().flatten()[:2]] = 5.0
+    for row in range(2, 8):
+        weight[row, layer.mask[row].nonzero().flatten()[0]] = 1.0
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    model[0].weight.grad = grad
+    updater.apply_masks()
+    assert updater.step()
+    if ablated:
+        # The 40-weight budget over 6 rows: 40 // 6 = 6 (36 <= 40; rounding would give 7, 42 > 40).
+        assert layer.ablated_neurons.tolist() == [True, True] + [False] * 6
+        assert layer.fan_in == 6
+        assert layer.mask.sum(dim=1).tolist() == [0, 0] + [6] * 6
+        assert bool((model[0].weight[:2] == 0).all())
+    else:
+        assert not layer.ablated_neurons.any()
+        assert layer.mask.sum(dim=1).tolist() == [5] * 8
+    check_layer_invariants(updater)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 5])
+def test_the_fan_in_after_ablation_never_exceeds_the_budget(group_size):
+    # Heavy ablation on a layer whose row count is not a multiple of most group sizes.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 37), nn.ReLU(), nn.Linear(37, CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = SRigL(model, 0.7, t_end=1000, delta_t=1, alpha=0.5, gamma_sal=0.9, density_method="uniform",
+                    optimizer=optimizer, group_size=group_size)
+    layer = updater.layers["0"]
+    data = torch.Generator().manual_seed(1)
+    fan_ins = set()
+    for _ in range(30):
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 16, generator=data)), torch.randint(0, CLASSES, (8,), generator=data)).backward()
+        updater.step()
+        optimizer.step()
+        assert int(layer.mask.sum()) <= layer.budget
+        fan_ins.add(layer.fan_in)
+        check_layer_invariants(updater)
+    assert layer.ablated_neurons.any() and len(fan_ins) > 1, "no ablation: the test would prove nothing"
+
+
+def test_state_dict_carries_the_group_size():
+    run = Run(group_size=4, gamma_sal=0.6)
+    for _ in range(12):
+        run.train_step()
+    state = run.updater.state_dict()
+    assert {saved["group_size"] for saved in state["layers"].values()} == {4}
+    resumed = Run(group_size=4, gamma_sal=0.6)
+    resumed.updater.load_state_dict(copy.deepcopy(state))
+    for name, mask in run.masks().items():
+        assert torch.equal(resumed.masks()[name], mask)
+    with pytest.raises(ValueError, match="group_size"):
+        Run(group_size=2).updater.load_state_dict(copy.deepcopy(state))

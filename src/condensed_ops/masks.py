@@ -48,6 +48,31 @@ def constant_fan_in_mask(
     return mask.scatter_(1, columns, True)
 
 
+def grouped_fan_in_mask(
+    out_features: int,
+    in_features: int,
+    fan_in: int,
+    group_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> Tensor:
+    """A random ``[out_features, in_features]`` bool mask whose rows come in groups of
+    ``group_size`` consecutive rows (rows ``G * group_size`` to ``G * group_size +
+    group_size - 1``) sharing one set of ``fan_in`` uniformly random distinct columns.
+
+    When ``group_size`` does not divide ``out_features`` the last group has fewer
+    rows. The group masks are :func:`constant_fan_in_mask`'s rows, drawn one per
+    group, so ``group_size=1`` gives exactly :func:`constant_fan_in_mask`'s mask for
+    the same generator state.
+    """
+    _check_count("out_features", out_features)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    groups = -(-out_features // group_size)
+    group_mask = constant_fan_in_mask(groups, in_features, fan_in, generator=generator, device=device)
+    return group_mask.repeat_interleave(group_size, dim=0)[:out_features]
+
+
 # ---- per-layer density allocation ----------------------------------------------
 
 
@@ -259,6 +284,7 @@ __all__ = [
     "PaddingReport",
     "constant_fan_in_mask",
     "fan_in_for_density",
+    "grouped_fan_in_mask",
     "is_sparsifiable",
     "layer_densities",
     "magnitude_prune_to_fan_in",

@@ -6,6 +6,15 @@ Sparsity", ICLR 2024. Training is masked dense training on ordinary
 so ``weight.grad`` is the dense gradient that decides where to grow. Every active
 neuron keeps exactly ``fan_in`` weights, the layout the condensed kernels run.
 
+With ``group_size = g > 1`` the rows come in groups of ``g`` consecutive rows that
+share one set of ``fan_in`` columns (the last group has fewer rows when ``g`` does
+not divide the row count): a grouped layout loads each input column once per group.
+Masks are then chosen per group: the score of a (group, column) pair is the L2 norm
+of the group's weights in that column for dropping and the group's summed
+``|grad|`` in it for growing, and neurons are ablated a whole group at a time
+(an ablated row inside a live group would still cost its group's compute). With
+``g = 1`` every rule reduces to the per-row one.
+
 Order of calls in a training step::
 
     updater = SRigL(model, sparsity=0.9, t_end=int(0.75 * total_steps), optimizer=opt, generator=g)
@@ -24,12 +33,14 @@ ranks keep identical masks.
 
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .masks import constant_fan_in_mask, fan_in_for_density, layer_densities, sparsifiable_layers, sparsifiable_weights
+from .masks import fan_in_for_density, grouped_fan_in_mask, layer_densities, sparsifiable_layers, sparsifiable_weights
+
+DROP_RULES = ("layer", "neuron")
 
 
 @dataclass
@@ -43,10 +54,13 @@ class SparseLayer:
         mask: bool, the weight's shape; True where a weight is active.
         fan_in: active weights per active neuron (row of ``weight.flatten(1)``).
         ablated_neurons: bool ``[out]``; an ablated neuron has no weights for good
-            (its output is its bias).
+            (its output is its bias). With ``group_size > 1`` whole groups are ablated.
         budget: the active weights the layer keeps in total (its initial
-            ``out * fan_in``); after ablation the fan-in is re-derived from it.
+            ``out * fan_in``); after ablation the fan-in is re-derived from it as
+            ``budget // active_neurons`` (never above the budget).
         ablation_allowed: False for layers exempt from neuron ablation.
+        group_size: rows ``G * group_size`` to ``G * group_size + group_size - 1``
+            share one set of columns (the last group may be partial).
     """
 
     weight: nn.Parameter
@@ -56,6 +70,7 @@ class SparseLayer:
     ablated_neurons: Tensor
     budget: int
     ablation_allowed: bool
+    group_size: int = 1
 
     @property
     def in_features(self) -> int:
@@ -66,11 +81,31 @@ class SparseLayer:
     def active_neurons(self) -> int:
         return int((~self.ablated_neurons).sum())
 
+    @property
+    def row_groups(self) -> Tensor:
+        """int64 ``[out]``: the group of each row."""
+        return torch.arange(self.mask.shape[0], device=self.mask.device) // self.group_size
 
-def _top_per_row(scores: Tensor, count: int) -> Tensor:
-    """Bool mask of each row's ``count`` highest scores; ties go to the lower column."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, order, True)
+    @property
+    def groups(self) -> int:
+        return -(-self.mask.shape[0] // self.group_size)
+
+
+def _top_per_row(scores: Tensor, counts: Union[int, Tensor]) -> Tensor:
+    """Bool mask of each row's ``counts`` (one int, or one per row) highest scores;
+    ties go to the lower column."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    if isinstance(counts, int):
+        counts = torch.full((scores.shape[0],), counts, device=scores.device)
+    take = torch.arange(scores.shape[1], device=scores.device) < counts[:, None]
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, order, take)
+
+
+def _sum_over_groups(values: Tensor, row_groups: Tensor, groups: int) -> Tensor:
+    """``[groups, ...]``: the sum of ``values``' rows in each group, in float64 (so with
+    one row per group the sum is the value itself, bit for bit, and float32 squares are exact)."""
+    total = torch.zeros((groups, *values.shape[1:]), dtype=torch.float64, device=values.device)
+    return total.index_add_(0, row_groups, values.to(torch.float64))
 
 
 def _top_overall(scores: Tensor, count: int) -> Tensor:
@@ -78,6 +113,21 @@ def _top_overall(scores: Tensor, count: int) -> Tensor:
     order = torch.sort(scores.flatten(), descending=True, stable=True).indices[:count]
     chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     return chosen.scatter_(0, order, True).view(scores.shape)
+
+
+def _group_sizes(group_size: Union[int, Mapping[str, int]], weights: Mapping[str, Tensor]) -> Dict[str, int]:
+    """``{layer name: group size}`` for every sparsified layer, validated."""
+    if isinstance(group_size, Mapping):
+        unknown = set(group_size) - set(weights)
+        if unknown:
+            raise ValueError(f"group_size names no sparsified layer: {sorted(unknown)}")
+        sizes = {name: group_size.get(name, 1) for name in weights}
+    else:
+        sizes = {name: group_size for name in weights}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"group_size must be an int >= 1 (or a dict of them), got {size!r} for {name!r}")
+    return sizes
 
 
 class SRigL:
@@ -91,10 +141,11 @@ class SRigL:
         t_end: the last step that may rewire is the last multiple of ``delta_t``
             below ``t_end`` (RigL stops updating at ~75% of training).
         delta_t: steps between mask updates.
-        alpha: initial drop fraction; step ``t`` drops
-            ``alpha / 2 * (1 + cos(pi * t / t_end))`` of each neuron's weights.
+        alpha: initial drop fraction; step ``t`` drops the fraction
+            ``alpha / 2 * (1 + cos(pi * t / t_end))`` of the weights (see ``drop_rule``).
         gamma_sal: a neuron with fewer than ``gamma_sal * fan_in`` salient weights is
-            ablated; 0 turns ablation off.
+            ablated; 0 turns ablation off. A group of ``r`` rows is ablated as one, when
+            it holds fewer than ``gamma_sal * r * fan_in`` salient weights.
         density_method: ``"erk"`` or ``"uniform"`` (see :func:`layer_densities`).
         exclude: layer names left dense and untouched.
         ablation_exempt: layer names whose neurons are never ablated. None exempts
@@ -104,6 +155,19 @@ class SRigL:
             post-step hook re-applies the masks after every ``optimizer.step()``.
             Without one, call :meth:`apply_masks` after each optimizer step.
         generator: draws the initial random masks (same seed, same masks).
+        group_size: rows per group (consecutive rows sharing one set of columns), for
+            every sparsified layer, or ``{layer name: group size}`` (layers not named
+            get 1). 1 is per-row SRigL.
+        drop_rule: ``"layer"`` (the paper's reference code): drop
+            ``int(drop_fraction * n)`` of the layer's ``n`` active (group, column) pairs,
+            those with the lowest scores over the whole layer, then cut each group to
+            the fan-in and regrow it back to the fan-in. ``"neuron"``: every group
+            drops ``round(drop_fraction * fan_in)`` of its own columns; a layer with a
+            small fan-in then stops rewiring once that rounds to 0.
+
+    Unlike the reference code, the optimizer's elementwise state (momentum, Adam's
+    moments) is zeroed where a weight is dropped or grown, so a grown weight starts
+    from 0 with fresh moments.
     """
 
     def __init__(
@@ -120,6 +184,8 @@ class SRigL:
         ablation_exempt: Optional[Collection[str]] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
         generator: Optional[torch.Generator] = None,
+        group_size: Union[int, Mapping[str, int]] = 1,
+        drop_rule: str = "layer",
     ) -> None:
         if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
             raise ValueError(f"delta_t must be an int >= 1, got {delta_t!r}")
@@ -129,6 +195,8 @@ class SRigL:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if not 0.0 <= gamma_sal <= 1.0:
             raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal!r}")
+        if drop_rule not in DROP_RULES:
+            raise ValueError(f"drop_rule must be one of {DROP_RULES}, got {drop_rule!r}")
         weights = sparsifiable_weights(model, exclude)
         if not weights:
             raise ValueError("model has no Linear or groups=1 Conv2d layer to sparsify")
@@ -137,11 +205,13 @@ class SRigL:
             ablation_exempt = {list(weights)[-1]}
         elif set(ablation_exempt) - set(weights):
             raise ValueError(f"ablation_exempt names no sparsified layer: {sorted(set(ablation_exempt) - set(weights))}")
+        group_sizes = _group_sizes(group_size, weights)
 
         self.t_end = t_end
         self.delta_t = delta_t
         self.alpha = alpha
         self.gamma_sal = gamma_sal
+        self.drop_rule = drop_rule
         self.optimizer = optimizer
         self.steps_taken = 0
         densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
@@ -149,7 +219,7 @@ class SRigL:
         for name, weight in weights.items():
             out_features, in_features = weight.shape[0], weight[0].numel()
             fan_in = fan_in_for_density(densities[name], in_features)
-            mask = constant_fan_in_mask(out_features, in_features, fan_in, generator=generator)
+            mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_sizes[name], generator=generator)
             self.layers[name] = SparseLayer(
                 weight=weight,
                 module=modules.get(name),
@@ -158,6 +228,7 @@ class SRigL:
                 ablated_neurons=torch.zeros(out_features, dtype=torch.bool, device=weight.device),
                 budget=out_features * fan_in,
                 ablation_allowed=name not in ablation_exempt,
+                group_size=group_sizes[name],
             )
         self.apply_masks()
         self._optimizer_hook = (
@@ -220,71 +291,90 @@ class SRigL:
         if grad is None:  # the layer took no part in this step's loss: nothing to grow by
             return
         out_features, in_features, fan_in = layer.mask.shape[0], layer.in_features, layer.fan_in
+        row_groups, groups, group_size = layer.row_groups, layer.groups, layer.group_size
         mask = layer.mask.view(out_features, in_features)
         magnitude = layer.weight.detach().abs().reshape(out_features, in_features)
-        grad_magnitude = grad.abs().reshape(out_features, in_features)
+        grad_magnitude = grad.abs().reshape(out_features, in_features).to(magnitude.dtype)
+        group_mask = mask[::group_size]  # a group's rows share their columns: its first row's
+        rows_per_group = torch.bincount(row_groups, minlength=groups)
 
-        # A neuron can only drop as many as it has inactive positions to grow into.
-        ablated = layer.ablated_neurons
-        drop_per_neuron = min(round(drop_fraction * fan_in), in_features - fan_in)
-        if layer.ablation_allowed and self.gamma_sal > 0 and drop_per_neuron > 0:
-            ablated = ablated | self._neurons_to_ablate(layer, mask, magnitude, grad_magnitude, drop_per_neuron)
-        active_rows = ~ablated
-        new_fan_in = min(in_features, max(1, round(layer.budget / int(active_rows.sum()))))
+        # Weights dropped this update, for the salience count: what unstructured RigL
+        # would drop under the same rule.
+        active_weights = layer.active_neurons * fan_in
+        if self.drop_rule == "layer":
+            weight_drops = int(active_weights * drop_fraction)
+        else:
+            weight_drops = layer.active_neurons * min(round(drop_fraction * fan_in), in_features - fan_in)
+        ablated_groups = layer.ablated_neurons[::group_size]
+        if layer.ablation_allowed and self.gamma_sal > 0 and weight_drops > 0:
+            ablated_groups = ablated_groups | self._groups_to_ablate(layer, mask, magnitude, grad_magnitude, weight_drops)
+        live = ~ablated_groups
+        active_rows = int(rows_per_group[live].sum())
+        new_fan_in = min(in_features, max(1, layer.budget // active_rows))  # floor: never above the budget
 
-        # Each surviving neuron drops its lowest |w| and grows, at positions inactive
-        # before this update, the highest |grad| until it holds new_fan_in weights.
-        # Growing only at previously inactive positions makes every change a real one
-        # (a grown weight starts at 0; none is dropped and regrown in one update).
-        drop_per_neuron = min(round(drop_fraction * fan_in), in_features - new_fan_in)
-        keep_per_neuron = min(fan_in - drop_per_neuron, new_fan_in)
-        grow_per_neuron = new_fan_in - keep_per_neuron
-        if grow_per_neuron == 0 and keep_per_neuron == fan_in and bool((ablated == layer.ablated_neurons).all()):
+        # Drop scores: the L2 norm of a group's weights in a column (ranked by its
+        # square, exact in float64); for one row that is |w|. Grow scores: the group's
+        # summed |grad| in a column.
+        minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=mask.device)
+        active_pairs = group_mask & live[:, None]
+        drop_score = torch.where(active_pairs, _sum_over_groups(magnitude.square(), row_groups, groups), minus_inf)
+        if self.drop_rule == "layer":
+            # The reference rule: the layer's top (n - int(drop_fraction * n)) pairs stay.
+            pairs = int(active_pairs.sum())
+            kept_per_group = _top_overall(drop_score, pairs - int(pairs * drop_fraction)).sum(dim=1)
+        else:
+            kept_per_group = torch.full((groups,), fan_in - round(drop_fraction * fan_in), device=mask.device)
+        # A group grows only at columns inactive before this update (so every change is
+        # real: none is dropped and regrown at once), of which it has in - fan_in: it
+        # keeps enough to reach the new fan-in from those, and at most the new fan-in.
+        kept_per_group = kept_per_group.clamp(max(0, new_fan_in - (in_features - fan_in)), new_fan_in)
+        keep = _top_per_row(drop_score, kept_per_group) & active_pairs
+        growable = ~group_mask & live[:, None]
+        grow_score = torch.where(growable, _sum_over_groups(grad_magnitude, row_groups, groups), minus_inf)
+        grow = _top_per_row(grow_score, torch.where(live, new_fan_in - kept_per_group, 0)) & growable
+        new_group_mask = keep | grow
+        if torch.equal(new_group_mask, group_mask):
             return
 
-        minus_inf = torch.tensor(-math.inf, dtype=magnitude.dtype, device=magnitude.device)
-        keep = _top_per_row(torch.where(mask, magnitude, minus_inf), keep_per_neuron) & mask
-        growable = ~mask & active_rows[:, None]
-        grow = _top_per_row(torch.where(growable, grad_magnitude.to(magnitude.dtype), minus_inf), grow_per_neuron) & growable
-        new_mask = (keep | grow) & active_rows[:, None]
-        changed = (mask & ~new_mask) | grow
-
+        new_mask, grown = new_group_mask[row_groups], grow[row_groups]
+        changed = (mask & ~new_mask) | grown
         weight_shape = layer.weight.shape
-        layer.weight.masked_fill_((~new_mask | grow).view(weight_shape), 0)  # grown weights start at 0
+        layer.weight.masked_fill_((~new_mask | grown).view(weight_shape), 0)  # grown weights start at 0
         self._reset_optimizer_state(layer.weight, changed.view(weight_shape))
         layer.mask = new_mask.view(weight_shape)
         layer.fan_in = new_fan_in
-        layer.ablated_neurons = ablated
+        layer.ablated_neurons = ablated_groups[row_groups]
 
-    def _neurons_to_ablate(
-        self, layer: SparseLayer, mask: Tensor, magnitude: Tensor, grad_magnitude: Tensor, drop_per_neuron: int
+    def _groups_to_ablate(
+        self, layer: SparseLayer, mask: Tensor, magnitude: Tensor, grad_magnitude: Tensor, weight_drops: int
     ) -> Tensor:
-        """Bool ``[out]``: active neurons with fewer than ``gamma_sal * fan_in`` salient weights.
+        """Bool ``[groups]``: live groups of ``r`` rows with fewer than ``gamma_sal * r *
+        fan_in`` salient weights.
 
         Salient weights are those unstructured RigL would hold after this step: the
-        layer's top ``|w|`` among its active weights, less the drops, plus as many
-        top ``|grad|`` among the inactive weights of active neurons.
+        layer's top ``|w|`` among its active weights, less ``weight_drops``, plus as
+        many top ``|grad|`` among the inactive weights of active neurons.
         """
+        row_groups, groups, group_size = layer.row_groups, layer.groups, layer.group_size
         active_rows = ~layer.ablated_neurons
-        active_neurons = int(active_rows.sum())
-        drops = active_neurons * drop_per_neuron
-        kept = active_neurons * layer.fan_in - drops
+        live = active_rows[::group_size]
+        rows_per_group = torch.bincount(row_groups, minlength=groups)
         minus_inf = torch.tensor(-math.inf, dtype=magnitude.dtype, device=magnitude.device)
-        salient = _top_overall(torch.where(mask, magnitude, minus_inf), kept)
+        kept = layer.active_neurons * layer.fan_in - weight_drops
+        salient = _top_overall(torch.where(mask, magnitude, minus_inf), kept) & mask
         inactive = ~mask & active_rows[:, None]
-        salient |= _top_overall(torch.where(inactive, grad_magnitude.to(magnitude.dtype), minus_inf), drops)
-        salient_per_neuron = salient.sum(dim=1)
-        candidates = active_rows & (salient_per_neuron < self.gamma_sal * layer.fan_in)
+        salient |= _top_overall(torch.where(inactive, grad_magnitude, minus_inf), weight_drops) & inactive
+        salient_share = _sum_over_groups(salient.sum(dim=1), row_groups, groups) / (rows_per_group * layer.fan_in)
+        candidates = live & (salient_share < self.gamma_sal)
 
-        # Keep enough neurons to hold the budget at fan-in <= in_features (and at
-        # least one); past that, the least salient neurons go first.
-        fewest_active = max(1, math.ceil(layer.budget / layer.in_features))
-        most_to_ablate = max(0, active_neurons - fewest_active)
-        if int(candidates.sum()) <= most_to_ablate:
-            return candidates
-        never = torch.iinfo(torch.int64).max
-        order = torch.sort(torch.where(candidates, salient_per_neuron, never), stable=True).indices[:most_to_ablate]
-        return torch.zeros_like(candidates).scatter_(0, order, True)
+        # Keep enough rows to hold the budget at fan-in <= in_features (and at least
+        # one); past that, the groups with the smallest salient share go first.
+        fewest_rows = max(1, math.ceil(layer.budget / layer.in_features))
+        most_rows_to_ablate = max(0, layer.active_neurons - fewest_rows)
+        order = torch.sort(torch.where(candidates, salient_share, math.inf), stable=True).indices
+        rows_so_far = torch.cumsum(torch.where(candidates, rows_per_group, 0)[order], dim=0)
+        chosen = candidates[order] & (rows_so_far <= most_rows_to_ablate)
+        return torch.zeros_like(candidates).scatter_(0, order, chosen)
 
     def _reset_optimizer_state(self, weight: Tensor, changed: Tensor) -> None:
         # Momentum or Adam moments left at a dropped or grown position would move
@@ -298,8 +388,8 @@ class SRigL:
     # ---- checkpointing ------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The step count and every layer's mask, fan-in, ablated neurons and budget
-        (the hyperparameters are the constructor's)."""
+        """The step count and every layer's mask, fan-in, ablated neurons, budget and
+        group size (the other hyperparameters are the constructor's)."""
         return {
             "steps_taken": self.steps_taken,
             "layers": {
@@ -308,6 +398,7 @@ class SRigL:
                     "fan_in": layer.fan_in,
                     "ablated_neurons": layer.ablated_neurons.clone(),
                     "budget": layer.budget,
+                    "group_size": layer.group_size,
                 }
                 for name, layer in self.layers.items()
             },
@@ -322,6 +413,9 @@ class SRigL:
             layer = self.layers[name]
             if saved["mask"].shape != layer.mask.shape or saved["ablated_neurons"].shape != layer.ablated_neurons.shape:
                 raise ValueError(f"state_dict mask shapes for {name!r} do not match the layer's weight {list(layer.weight.shape)}")
+            saved_group_size = int(saved.get("group_size", 1))
+            if saved_group_size != layer.group_size:
+                raise ValueError(f"state_dict group_size for {name!r} is {saved_group_size}, this updater's is {layer.group_size}")
         for name, saved in saved_layers.items():
             layer = self.layers[name]
             layer.mask = saved["mask"].to(device=layer.weight.device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
@@ -332,4 +426,4 @@ class SRigL:
         self.apply_masks()
 
 
-__all__ = ["SRigL", "SparseLayer"]
+__all__ = ["DROP_RULES", "SRigL", "SparseLayer"]
