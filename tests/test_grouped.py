@@ -290,3 +290,28 @@ def test_bad_group_size_is_refused(group_size):
 def test_group_size_must_divide_the_rows():
     with pytest.raises(ValueError, match="group_size=4 must divide the layer's 10 output rows"):
         condensed_ops.CondensedLinear.from_linear(torch.nn.Linear(8, 10), group_size=4)
+
+
+def test_grouped_srigl_masks_condense_into_the_grouped_layout_exactly():
+    """Train with grouped SRigL, condense with the same group size: no padding, same function."""
+    from condensed_ops.srigl import SRigL
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    updater = SRigL(model, sparsity=0.9, t_end=40, delta_t=5, optimizer=opt, generator=g, group_size=8)
+    for _ in range(50):
+        x, y = torch.randn(16, 48, generator=g), torch.randint(0, 10, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        updater.step()
+        opt.step()
+    masks = {name: layer.mask for name, layer in updater.layers.items()}
+    x = torch.randn(33, 48, generator=g)
+    expected = model(x)
+    report = condensed_ops.condense(model, masks=masks, min_weights=0, max_density=1.0, group_size=8, inplace=False)
+    by_name = {layer.name: layer for layer in report.converted}
+    assert by_name["0"].group_size == 8 and by_name["2"].group_size == 8
+    assert by_name["0"].padded_entries == 0 and by_name["2"].padded_entries == 0
+    torch.testing.assert_close(report.model(x), expected)
