@@ -127,9 +127,14 @@ def _forced_paths_table(forced: Sequence[Dict[str, object]]) -> List[str]:
     return lines
 
 
-def _without_grouped(rows: Iterable[Row]) -> List[Row]:
-    """The rows of the row layout and the baselines (grouped layouts have their own table)."""
-    return [row for row in rows if group_size_of(str(row["method"])) is None]
+def _has_grouped(result: Dict[str, object]) -> bool:
+    return any(group_size_of(str(row["method"])) is not None for row in result["rows"])
+
+
+def _split_grouped(results: Sequence[Dict[str, object]]):
+    """(results without grouped layouts, results with them): a grouped run's cells go to the
+    grouped tables only, so that no cell mixes rows from two runs."""
+    return [r for r in results if not _has_grouped(r)], [r for r in results if _has_grouped(r)]
 
 
 def _grouped_table(cells: Sequence[List[Row]]) -> List[str]:
@@ -208,13 +213,13 @@ def render_markdown(
     for result in results:
         out.append(f"- {_machine_line(result)}: {_command_line(result)}")
     results, forced_results = _split_forced(results)
+    results, grouped_results = _split_grouped(results)
     out += ["", "Measured peaks (the roofline; a copy much larger than the caches, a large dense matmul):", ""]
     out += _roofline_table(results)
     out += ["", "Methods: " + "; ".join(f"**{k}**: {v}" for k, v in _merged_methods(results).items()) + "."]
 
-    all_rows = [row for result in results for row in result["rows"]]
-    rows = _without_grouped(all_rows)
-    grouped_cells = [cell for cell in _cells(all_rows).values() if len(_without_grouped(cell)) < len(cell)]
+    rows = [row for result in results for row in result["rows"]]
+    grouped_cells = list(_cells(row for result in grouped_results for row in result["rows"]).values())
     groups: Dict[tuple, List[List[Row]]] = {}
     for key, cell in _cells(rows).items():
         groups.setdefault(key[:4], []).append(cell)
@@ -306,7 +311,8 @@ def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] 
     first that has its rows, and names the command that produced it."""
     out = [f"<!-- summary from: {' '.join(sources)} -->"] if sources else []
     results, _ = _split_forced(results)
-    cpu_rows = lambda result: _without_grouped(row for row in result["rows"] if row["device"] == "cpu")  # noqa: E731
+    results, grouped_results = _split_grouped(results)
+    cpu_rows = lambda result: [row for row in result["rows"] if row["device"] == "cpu"]  # noqa: E731
     rows = [row for result in results for row in cpu_rows(result)]
     if not rows:
         return "\n".join(out + ["No CPU results."]) + "\n"
@@ -374,7 +380,7 @@ def render_summary(results: Sequence[Dict[str, object]], sources: Sequence[str] 
         out += ["| sparsity | batch | " + " | ".join(f"{i}→{o}" for i, o in shapes) + " |", "|---|---|" + "---|" * len(shapes)]
         for sparsity, batch in keys:
             out.append(f"| {sparsity:.0%} | {batch} | " + " | ".join(_speedup_text(grid(cells, shape).get((sparsity, batch), []), "dense", 0) for shape in shapes) + " |")
-    out += _grouped_summary(results)
+    out += _grouped_summary(grouped_results)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -383,7 +389,7 @@ def _grouped_summary(results: Sequence[Dict[str, object]]) -> List[str]:
     from the first result that has grouped rows; cells are the thread counts."""
     for result in results:
         rows = [row for row in result["rows"] if row["device"] == "cpu" and row["dtype"] == "float32" and not row["training"]]
-        cells = [cell for cell in _cells(rows).values() if len(_without_grouped(cell)) < len(cell)]
+        cells = list(_cells(rows).values())
         if cells:
             break
     else:
@@ -393,8 +399,8 @@ def _grouped_summary(results: Sequence[Dict[str, object]]) -> List[str]:
     for cell in cells:
         first = cell[0]
         per_thread.setdefault((first["in_features"], first["out_features"], first["sparsity"], first["batch"]), []).append(cell)
-    out = ["", "**Grouped layout (runs of g output rows share their columns), forward, float32: speed-up over dense "
-           "`F.linear`, for the row layout (g = 1) and each g**", "", f"Command: {_command_line(result)}", ""]
+    out = ["", "**Grouped layout (runs of g outputs share their columns), the op, forward, float32: speed-up over "
+           "dense `F.linear`, row layout (g = 1) and each g**", "", f"Command: {_command_line(result)}", ""]
     out += ["| in→out | sparsity | batch | g=1 | " + " | ".join(f"g={g}" for g in sizes) + " |", "|---|---|---|---|" + "---|" * len(sizes)]
     for (i, o, sparsity, batch), by_threads in sorted(per_thread.items()):
         by_threads.sort(key=lambda cell: cell[0]["threads"])
@@ -442,7 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.figures:
         from .plots import write_figures
 
-        merged = dict(results[0], rows=_without_grouped(row for r in results for row in r["rows"]), rooflines=[x for r in results for x in r["rooflines"]])
+        plain, _ = _split_grouped(results)
+        merged = dict(plain[0], rows=[row for r in plain for row in r["rows"]], rooflines=[x for r in plain for x in r["rooflines"]])
         figures = [os.path.relpath(p, doc_dir) for p in write_figures(merged, args.figures)]
     section = render_markdown(results, figures, [os.path.relpath(path, doc_dir) for path in args.results])
     details = os.path.relpath(os.path.abspath(args.results_doc), readme_dir) if args.results_doc else "docs/results.md"
