@@ -90,32 +90,30 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t o
   check_same_device(op, "bias", b, x, "x");
 }
 
+// x and bias against a checked weight layout of out_features outputs.
+void check_input_and_bias(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                          const std::optional<at::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension [..., in_features], got a scalar");
+  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x and values must share a dtype, got x ",
+                   dtype_name(x.scalar_type()), " and values ", dtype_name(values.scalar_type()));
+  check_same_device(op, "values", values, x, "x");
+  check_same_device(op, "idx", idx, x, "x");
+  check_in_features(op, x.size(-1));
+  check_bias(op, bias, out_features, x, values, "values'");
+}
+
 }  // namespace
 
 void check_condensed_linear_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                    const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "condensed_linear";
-  check_weight_layout(op, values, idx);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension [..., in_features], got a scalar");
-  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x and values must share a dtype, got x ",
-                   dtype_name(x.scalar_type()), " and values ", dtype_name(values.scalar_type()));
-  check_same_device(op, "values", values, x, "x");
-  check_same_device(op, "idx", idx, x, "x");
-  check_in_features(op, x.size(-1));
-  check_bias(op, bias, values.size(0), x, values, "values'");
+  check_weight_layout("condensed_linear", values, idx);
+  check_input_and_bias("condensed_linear", x, values, idx, bias, values.size(0));
 }
 
 void check_condensed_linear_grouped_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                            const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "condensed_linear_grouped";
-  check_grouped_layout(op, values, idx);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension [..., in_features], got a scalar");
-  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x and values must share a dtype, got x ",
-                   dtype_name(x.scalar_type()), " and values ", dtype_name(values.scalar_type()));
-  check_same_device(op, "values", values, x, "x");
-  check_same_device(op, "idx", idx, x, "x");
-  check_in_features(op, x.size(-1));
-  check_bias(op, bias, values.size(0) * values.size(1), x, values, "values'");
+  check_grouped_layout("condensed_linear_grouped", values, idx);
+  check_input_and_bias("condensed_linear_grouped", x, values, idx, bias, values.size(0) * values.size(1));
 }
 
 void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,

@@ -1,6 +1,7 @@
 // Portable kernels: plain C++ that builds on any compiler and architecture.
 // They double as the reference structure for the SIMD flavours.
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu_kernels.h"
 #include "scalar_kernel.h"
@@ -70,14 +71,22 @@ bool tiled_width(const CondensedLinearProblem<scalar_t, index_t>& p, const Batch
   return true;
 }
 
+// f(std::integral_constant<int, width>) for the tile's width (8, 16 or 32).
+template <class F>
+bool with_tile_width(const BatchTile& tile, F&& f) {
+  switch (tile.tile_rows) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    default: return f(std::integral_constant<int, 32>{});
+  }
+}
+
 template <typename scalar_t, typename index_t>
 bool tiled(const CondensedLinearProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
            int64_t out_end, acc_t<scalar_t>* scratch) {
-  switch (tile.tile_rows) {
-    case 8: return tiled_width<8>(p, tile, out_begin, out_end, scratch);
-    case 16: return tiled_width<16>(p, tile, out_begin, out_end, scratch);
-    default: return tiled_width<32>(p, tile, out_begin, out_end, scratch);
-  }
+  return with_tile_width(tile, [&](auto width) {
+    return tiled_width<decltype(width)::value>(p, tile, out_begin, out_end, scratch);
+  });
 }
 
 // The grouped layout, one group's rows at a time against each loaded column.
@@ -118,11 +127,9 @@ bool grouped_tiled_width(const GroupedProblem<scalar_t, index_t>& p, const Batch
 template <typename scalar_t, typename index_t>
 bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
                    int64_t out_end, acc_t<scalar_t>* scratch) {
-  switch (tile.tile_rows) {
-    case 8: return grouped_tiled_width<8>(p, tile, out_begin, out_end, scratch);
-    case 16: return grouped_tiled_width<16>(p, tile, out_begin, out_end, scratch);
-    default: return grouped_tiled_width<32>(p, tile, out_begin, out_end, scratch);
-  }
+  return with_tile_width(tile, [&](auto width) {
+    return grouped_tiled_width<decltype(width)::value>(p, tile, out_begin, out_end, scratch);
+  });
 }
 
 template <typename acc, typename index_t>
