@@ -283,7 +283,7 @@ def table(summary: Dict[str, Dict[str, Any]], tasks, methods, sparsities) -> str
 
 
 def gate(summary: Dict[str, Dict[str, Any]], tasks) -> List[str]:
-    """g=8 minus per-row SRigL at 90%, per task, in points (the issue's gate: > 1 point below fails)."""
+    """g=8 minus per-row SRigL at 90%, per task, in points (more than 1 point below fails the bar)."""
     lines = []
     for task in tasks:
         row, grouped = summary.get(f"{task}/srigl/0.9"), summary.get(f"{task}/srigl_g8/0.9")
