@@ -1,6 +1,5 @@
 #include "grouped.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/repeat_interleave.h>
 
 #include "tensor_cache.h"
@@ -17,12 +16,8 @@ at::Tensor expanded_group_indices(const at::Tensor& idx, int64_t group_size) {
 
 at::Tensor condensed_linear_grouped_by_rows(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
                                             const std::optional<at::Tensor>& bias) {
-  static const auto per_row = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("condensed_ops::condensed_linear", "")
-                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&)>();
   const int64_t group_size = values.size(1);
-  return per_row.call(x, values.reshape({values.size(0) * group_size, values.size(2)}),
+  return forward_op<false>().call(x, values.reshape({values.size(0) * group_size, values.size(2)}),
                       expanded_group_indices(idx, group_size), bias);
 }
 

@@ -7,10 +7,24 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 
 namespace condensed_ops {
+
+using ForwardOp = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&)>;
+
+// The dispatcher's handle of condensed_linear, or of condensed_linear_grouped.
+template <bool kGrouped>
+const ForwardOp& forward_op() {
+  static const ForwardOp op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kGrouped ? "condensed_ops::condensed_linear_grouped" : "condensed_ops::condensed_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op;
+}
 
 // idx [groups, fan_in] -> [groups * group_size, fan_in], each row repeated
 // group_size times. Cached per idx version (tensor_cache.h), so the per-row

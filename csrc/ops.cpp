@@ -13,18 +13,6 @@
 
 namespace condensed_ops {
 
-using ForwardOp = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const std::optional<at::Tensor>&)>;
-
-template <bool kGrouped>
-const ForwardOp& forward_op() {
-  static const ForwardOp op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kGrouped ? "condensed_ops::condensed_linear_grouped" : "condensed_ops::condensed_linear", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
-  return op;
-}
-
 // Gradients for x, values and bias (idx is structure, not a parameter), from
 // the row layout's backward ops. The grouped layout is the row layout with
 // each group's idx row repeated (grouped.h): its values view as rows, and the

@@ -41,6 +41,16 @@ def assert_clean(result: subprocess.CompletedProcess) -> None:
     assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, report
 
 
+def build_mutant(out: Path, tmp_path: Path, file: str, original: str, mutation: str) -> Path:
+    """The checker built against a copy of the kernels with `original` (found once in `file`) replaced."""
+    kernels = tmp_path / "kernels"
+    shutil.copytree(emulator.KERNELS, kernels)
+    source = (kernels / file).read_text()
+    assert source.count(original) == 1
+    (kernels / file).write_text(source.replace(original, mutation))
+    return emulator.build(out, kernels=kernels)
+
+
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cuda_emulator")
@@ -60,14 +70,9 @@ def test_checker_catches_a_dropped_tail_entry(build_dir, tmp_path):
     """The checker can fail: a forward kernel that skips the last entry of
     rows whose length is not a multiple of the 16-byte pack gives wrong
     outputs (and a wrong grad_x, which runs the forward kernel over CSR rows)."""
-    kernels = tmp_path / "kernels"
-    shutil.copytree(emulator.KERNELS, kernels)
-    forward = kernels / "condensed_linear_forward.cu"
     tail_loop = "for (int64_t e = vec_end + lane; e < end; e += lanes) {"
-    source = forward.read_text()
-    assert source.count(tail_loop) == 1
-    forward.write_text(source.replace(tail_loop, tail_loop.replace("e < end;", "e + 1 < end;")))
-    executable = emulator.build(build_dir / "mutant", kernels=kernels)
+    executable = build_mutant(build_dir / "mutant", tmp_path, "condensed_linear_forward.cu", tail_loop,
+                              tail_loop.replace("e < end;", "e + 1 < end;"))
     result = run_checker(executable, "quick")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAIL forward" in result.stdout and "FAIL grad_x columns" in result.stdout
@@ -77,14 +82,8 @@ def test_checker_catches_a_grouped_pipeline_that_does_not_wait(build_dir, tmp_pa
     """The emulated cp.async lands a copy only when a wait retires its group:
     a grouped kernel that waits for one group too few multiplies a stage whose
     copies have not landed (NaN garbage in the emulator's shared memory)."""
-    kernels = tmp_path / "kernels"
-    shutil.copytree(emulator.KERNELS, kernels)
-    grouped = kernels / "grouped_forward.cu"
-    wait = "cp_async_wait<kStages - 2>();"
-    source = grouped.read_text()
-    assert source.count(wait) == 1
-    grouped.write_text(source.replace(wait, "cp_async_wait<kStages - 1>();"))
-    executable = emulator.build(build_dir / "grouped_mutant", kernels=kernels)
+    executable = build_mutant(build_dir / "grouped_mutant", tmp_path, "grouped_forward.cu",
+                              "cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();")
     result = run_checker(executable, "grouped")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAIL grouped" in result.stdout

@@ -181,7 +181,6 @@ template <typename scalar_t, typename index_t>
 cudaError_t launch_grad_input_scatter(const ScatterGradInputProblem<scalar_t, index_t>& p, const DeviceLimits& limits,
                                       cudaStream_t stream);
 
-
 // ---- grouped constant fan-in: tensor-core forward ----------------------------
 //
 // Groups of group_size consecutive outputs share one set of fan_in columns:
