@@ -8,16 +8,25 @@
 // lives) and the sources' version counters, which views share with their
 // base: an in-place change through any of them, a new storage or resize, or
 // the storage's death makes it miss. Inference tensors have no version counter
-// and are never cached. Writes that bypass the version counter (through `.data`
-// or numpy) are not seen, so whoever uses a cached result must stay memory
-// safe without it (the kernels check every index they read).
+// and are never cached.
+//
+// Writes that bypass the version counter (`.data`, numpy, DLPack, a custom
+// kernel) are caught only in part: each CPU source also keeps a fingerprint of
+// 16 elements spread over it, which a rewrite of the whole tensor (a weight
+// update, a load through `.data`) changes with near certainty, but a write of
+// a few entries may miss. So whoever uses a cached result stays memory safe
+// without it (the kernels check every index they read), and the Python side
+// bumps the counter where torch does not (ops.mark_modified, and after every
+// torch.optim step: fused optimizers write through raw pointers).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Storage.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -97,20 +106,48 @@ class TensorCache {
     std::vector<int64_t> sizes, strides;
     int64_t version = -1;
     const void* data = nullptr;
+    uint64_t fingerprint = 0;
 
     static Source of(const at::Tensor& t) {
       if (!t.defined()) return Source{};
       return Source{true,           t.storage().getWeakStorageImpl(), t.storage_offset(), t.scalar_type(),
-                    t.sizes().vec(), t.strides().vec(),               int64_t(t._version()), t.const_data_ptr()};
+                    t.sizes().vec(), t.strides().vec(),               int64_t(t._version()), t.const_data_ptr(),
+                    fingerprint_of(t)};
     }
     bool expired() const { return defined && storage.expired(); }
     bool matches(const at::Tensor& t) const {
       if (!defined || !t.defined()) return defined == t.defined();
       return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
              offset == t.storage_offset() && dtype == t.scalar_type() && t.sizes() == sizes && t.strides() == strides &&
-             version == int64_t(t._version()) && data == t.const_data_ptr();
+             version == int64_t(t._version()) && data == t.const_data_ptr() && fingerprint == fingerprint_of(t);
     }
   };
+
+  // A hash of 16 elements at evenly spaced flat positions (first and last
+  // included), read through the tensor's strides: about 50 ns. 0 off the CPU,
+  // where host code cannot read the memory.
+  static uint64_t fingerprint_of(const at::Tensor& t) {
+    const int64_t n = t.numel();
+    if (n == 0 || !t.device().is_cpu()) return 0;
+    const auto* base = static_cast<const unsigned char*>(t.const_data_ptr());
+    const int64_t element_bytes = int64_t(t.element_size());
+    const int64_t dims = t.dim();
+    uint64_t hash = 0xcbf29ce484222325ull;
+    constexpr int64_t kSamples = 16;
+    for (int64_t s = 0; s < kSamples; ++s) {
+      int64_t flat = n == 1 ? 0 : s * (n - 1) / (kSamples - 1);
+      int64_t offset = 0;
+      for (int64_t d = dims - 1; d >= 0; --d) {
+        const int64_t size = t.size(d);
+        offset += flat % size * t.stride(d);
+        flat /= size;
+      }
+      uint64_t word = 0;
+      std::memcpy(&word, base + offset * element_bytes, size_t(std::min<int64_t>(element_bytes, 8)));
+      hash = (hash ^ word) * 0x100000001b3ull;
+    }
+    return hash;
+  }
 
   struct Entry {
     std::array<Source, kSources> sources;

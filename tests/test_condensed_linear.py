@@ -485,3 +485,13 @@ def test_build_facts():
     assert isinstance(caps["small_batch_max"], int) and caps["small_batch_max"] >= 1
     assert caps["small_batch_kernel"] in ("gather", "scalar")
     assert caps["window_width"] in (64, 256) and caps["window_max_batch"] >= 1
+
+
+def test_the_extension_refuses_a_torch_release_it_was_not_built_against():
+    from condensed_ops import _build_info
+
+    assert _build_info.TORCH_VERSION == torch.__version__
+    script = "import torch; torch.__version__ = '1.0.0'; import condensed_ops"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"condensed_ops was built against torch {torch.__version__}, but torch 1.0.0 is installed" in result.stderr

@@ -224,7 +224,7 @@ def test_bad_index_raises_naming_it():
 @pytest.mark.parametrize(
     "make_call,error,message",
     [
-        (lambda x, v, i, p: packed_linear(x.double(), p, 7), ValueError, "not a window layout of torch.float64 values"),
+        (lambda x, v, i, p: packed_linear(x.double(), p, 7), TypeError, "x is torch.float64 but packed holds torch.float32 values"),
         (lambda x, v, i, p: packed_linear(x, p[:-64], 7), ValueError, "sections do not match its size"),
         (lambda x, v, i, p: packed_linear(x, p.float(), 7), TypeError, "packed must be the 1-D uint8 tensor"),
         (lambda x, v, i, p: packed_linear(x, p.view(1, -1), 7), TypeError, "packed must be the 1-D uint8 tensor"),

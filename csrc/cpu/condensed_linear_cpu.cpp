@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -263,6 +264,8 @@ TensorCache<at::Tensor, 3, std::array<int64_t, 3>>& window_layouts() {
 
 // source_row[o]: the row of (values, idx) that output o computes, -1 for an
 // ablated one; empty when output o is row o.
+// Undefined if idx holds an index outside [0, in_features) (checked as it is
+// read: the caller raises).
 template <typename scalar_t, typename index_t>
 at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, const std::vector<int64_t>& source_row,
                                int64_t out_features, int64_t fan_in, int64_t in_features, int64_t window) {
@@ -270,9 +273,11 @@ at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, const
   const int64_t blocks = (out_features + k::kWindowLanes - 1) / k::kWindowLanes;
   const int64_t windows = k::windows_for(in_features, window);
   std::vector<int32_t> steps(blocks * windows);
-  at::parallel_for(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
-    k::count_window_steps(idx, rows, out_features, fan_in, window, windows, begin, end, steps.data());
+  const bool counted = parallel_all(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
+    return k::count_window_steps(idx, rows, out_features, fan_in, in_features, window, windows, begin, end,
+                                 steps.data());
   });
+  if (!counted) return at::Tensor();
   std::vector<int64_t> block_steps(blocks + 1, 0);
   for (int64_t b = 0; b < blocks; ++b) {
     int64_t sum = 0;
@@ -289,10 +294,10 @@ at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, const
   std::memcpy(bytes + header.steps_at, steps.data(), steps.size() * sizeof(int32_t));
   std::memset(bytes + header.slots_at + header.total_steps * k::kWindowLanes, 0,
               header.bytes - header.slots_at - header.total_steps * k::kWindowLanes);
-  at::parallel_for(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
-    k::fill_window_blocks(values, idx, rows, fan_in, bytes, begin, end);
+  const bool filled = parallel_all(0, blocks, grain_for(k::kWindowLanes * fan_in), [&](int64_t begin, int64_t end) {
+    return k::fill_window_blocks(values, idx, rows, fan_in, bytes, begin, end);
   });
-  return blob;
+  return filled ? blob : at::Tensor();
 }
 
 // ---- the ops -----------------------------------------------------------------------
@@ -490,10 +495,14 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
       &values, &idx, active_rows.has_value() ? &*active_rows : &no_tensor};
   const std::array<int64_t, 3> key{in_features, outputs, window};
   if (auto cached = window_layouts().find(sources, key)) return *cached;
-  // Validated as given (an error names idx[group, j]); a grouped layout then
-  // packs as its rows, each group's indices repeated (grouped.h).
+  // Scanned on every build, not trusted from the validation cache: a layout
+  // outlives the call, so it must never be built from an index rewritten
+  // through .data since idx was validated. (An error names idx[group, j].)
+  validated_indices().forget(idx);
   at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
-  if (grouped) idx_k = narrow_indices(expanded_group_indices(idx, values.size(1)), in_features);
+  // A grouped layout packs as its rows, each group's indices repeated
+  // (grouped.h), expanded afresh for the same reason.
+  if (grouped) idx_k = at::repeat_interleave(idx_k, values.size(1), /*dim=*/0).contiguous();
   const std::vector<int64_t> source_row = source_rows(active_rows, rows, outputs);
   const at::Tensor values_c = values.reshape({rows, values.size(-1)}).contiguous();
   at::Tensor blob;
@@ -504,8 +513,18 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
                                  values.size(-1), in_features, window);
     });
   });
+  if (!blob.defined()) raise_index_error(idx, in_features, Width::Argument);
   window_layouts().insert(sources, key, blob);
   return blob;
+}
+
+at::ScalarType scalar_type_of(k::ValueType t) {
+  switch (t) {
+    case k::ValueType::Float64: return at::kDouble;
+    case k::ValueType::Float16: return at::kHalf;
+    case k::ValueType::BFloat16: return at::kBFloat16;
+    default: return at::kFloat;
+  }
 }
 
 template <typename scalar_t>
@@ -529,13 +548,13 @@ at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& pa
                                        const std::optional<at::Tensor>& bias) {
   check_condensed_linear_packed_inputs(x, packed, out_features, bias);
   const at::Tensor blob = packed.contiguous();
-  k::ValueType value_type = k::ValueType::Float32;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "condensed_linear_packed_cpu", [&] {
-    value_type = k::value_type_of<Kernel::type<scalar_t>>();
-  });
-  const char* damage = k::check_window_layout(blob.data_ptr<uint8_t>(), blob.numel(), value_type);
-  TORCH_CHECK_VALUE(damage == nullptr, "condensed_linear_packed: packed is not a window layout of ",
-                    dtype_name(x.scalar_type()), " values made by pack_for_inference: ", damage);
+  const char* damage = k::check_window_layout(blob.data_ptr<uint8_t>(), blob.numel());
+  TORCH_CHECK_VALUE(damage == nullptr, "condensed_linear_packed: packed is not a window layout made by ",
+                    "pack_for_inference: ", damage);
+  const at::ScalarType packed_dtype = scalar_type_of(k::read_window_header(blob.data_ptr<uint8_t>()).value_type);
+  TORCH_CHECK_TYPE(x.scalar_type() == packed_dtype, "condensed_linear_packed: x is ", dtype_name(x.scalar_type()),
+                   " but packed holds ", dtype_name(packed_dtype), " values: x must have the dtype of the values ",
+                   "it was packed from");
   const k::WindowLayoutHeader header = k::read_window_header(blob.data_ptr<uint8_t>());
   const int64_t in_features = x.size(-1);
   TORCH_CHECK_VALUE(header.in_features == in_features && header.out_features == out_features,

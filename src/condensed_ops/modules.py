@@ -21,7 +21,9 @@ For inference on CPU with few rows (no gradient needed, at most
 ``condensed_ops._C.WINDOW_MAX_BATCH`` rows), they run from the window layout
 (:func:`~condensed_ops.pack_for_inference`): built on first use, cached while
 ``values`` and ``idx`` are unchanged and rebuilt after any in-place change (their
-version counters), so it is never stale. It costs about 1.05-1.4x the bytes of
+version counters, which the package also moves after every ``torch.optim`` step,
+fused ones included; after a write through ``.data`` or numpy call
+:func:`~condensed_ops.mark_modified`). It costs about 1.05-1.4x the bytes of
 ``values`` + ``idx`` for as long as the module lives; set ``inference_layout = False``
 to opt out.
 """
@@ -206,6 +208,18 @@ def _index_view(storage: Tensor, shape: List[int]) -> Tensor:
     return storage.view(dtype=torch.int16).view(shape) if storage.dtype == torch.uint8 else storage
 
 
+def _check_index_dtype(index_dtype: object, in_features: int) -> None:
+    """index_dtype must be an integer dtype the ops take that reaches column ``in_features - 1``."""
+    if index_dtype not in (torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"index_dtype must be torch.int16, torch.int32 or torch.int64, got {index_dtype}")
+    highest = torch.iinfo(index_dtype).max
+    if in_features - 1 > highest:
+        raise ValueError(
+            f"index_dtype={index_dtype} cannot address the layer's {in_features} input columns "
+            f"(its largest index is {highest}); use torch.int32 or leave index_dtype=None"
+        )
+
+
 def _describe(t: object) -> str:
     return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
@@ -301,6 +315,7 @@ class CondensedLayer(nn.Module):
         if not 0 <= active_neurons <= out_features:
             raise ValueError(f"active_neurons must be in [0, out_features={out_features}], got {active_neurons}")
         index_dtype = default_index_dtype(in_features) if index_dtype is None else index_dtype
+        _check_index_dtype(index_dtype, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.fan_in = fan_in
@@ -488,6 +503,8 @@ class CondensedLayer(nn.Module):
         outside autocast (which casts the weights per region: the row layout op runs then)."""
         if not self.inference_layout or not x.is_cpu or _exporting_to_onnx() or _autocast_enabled("cpu"):
             return False
+        if x.dtype != values.dtype:
+            return False  # the row layout's op raises the TypeError naming x and both dtypes
         if x.numel() > self.window_max_batch * self.in_features:
             return False
         return not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))

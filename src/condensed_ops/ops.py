@@ -113,9 +113,12 @@ def pack_for_inference(
     when no gradient is needed.
 
     Cached: calling again with the same ``values`` and ``idx``, unchanged (their
-    version counters), returns the same tensor in microseconds; after any
-    in-place change it is rebuilt, so it is never stale. The cache holds a layout
-    while its ``values`` and ``idx`` live.
+    version counters and a sample of their elements), returns the same tensor in
+    microseconds; after any in-place torch op or ``torch.optim`` step (fused ones
+    included) it is rebuilt. After a write that torch does not see (``.data``,
+    numpy, DLPack) call :func:`~condensed_ops.mark_modified`: a change of a few
+    entries can otherwise go unseen (the result is then stale, never out of
+    bounds). The cache holds a layout while its ``values`` and ``idx`` live.
 
     Memory: each step (one entry of each of 16 rows, padded where a row has
     fewer) takes 16 * (value bytes + 1); at 90% sparsity with random columns the

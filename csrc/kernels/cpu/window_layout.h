@@ -112,15 +112,19 @@ inline WindowLayoutHeader plan_window_layout(ValueType value_type, int32_t value
   return h;
 }
 
-// nullptr if `blob` holds a well-formed layout of value_type, else why not.
-// Checks the header against the blob's size and block_steps for monotony; the
-// kernels check each block's step counts against block_steps as they go.
-inline const char* check_window_layout(const uint8_t* blob, int64_t bytes, ValueType value_type) {
+// nullptr if `blob` holds a well-formed layout, else why not (its value type is
+// the caller's to compare). Checks the header against the blob's size and
+// block_steps for monotony; the kernels check each block's step counts
+// against block_steps as they go.
+inline const char* check_window_layout(const uint8_t* blob, int64_t bytes) {
   if (bytes < int64_t(sizeof(WindowLayoutHeader))) return "it is smaller than its header";
   WindowLayoutHeader h;
   std::memcpy(&h, blob, sizeof h);
   if (h.magic != kWindowLayoutMagic || h.version != kWindowLayoutVersion) return "its header is not a window layout's";
-  if (h.value_type != value_type) return "its values have another dtype";
+  if (h.value_type < ValueType::Float32 || h.value_type > ValueType::BFloat16) return "its value type is unknown";
+  if (h.value_bytes != (h.value_type == ValueType::Float64 ? 8 : h.value_type == ValueType::Float32 ? 4 : 2)) {
+    return "its value size does not match its value type";
+  }
   if (h.window < 2 || h.window > 256 || (h.window & (h.window - 1)) != 0) return "its window is not a power of two in [2, 256]";
   if (h.in_features < 0 || h.out_features < 0 || h.total_steps < 0 || h.total_steps > (int64_t(1) << 40)) {
     return "its sizes are out of range";
@@ -160,11 +164,15 @@ WindowLayoutView<scalar_t> view_window_layout(const uint8_t* blob) {
 inline int64_t source_row_of(const int64_t* source_row, int64_t o) { return source_row ? source_row[o] : o; }
 
 // steps[b * windows + w] for blocks [block_begin, block_end): the most entries
-// any of the block's rows has in window w. Indices must be validated.
+// any of the block's rows has in window w. False, at once, at an index outside
+// [0, in_features): idx may have changed since it was validated (through
+// .data), and a bad one would count outside the table.
 template <typename index_t>
-void count_window_steps(const index_t* idx, const int64_t* source_row, int64_t out_features, int64_t fan_in,
-                        int64_t window, int64_t windows, int64_t block_begin, int64_t block_end, int32_t* steps) {
+bool count_window_steps(const index_t* idx, const int64_t* source_row, int64_t out_features, int64_t fan_in,
+                        int64_t in_features, int64_t window, int64_t windows, int64_t block_begin, int64_t block_end,
+                        int32_t* steps) {
   const int64_t columns = window - 1;
+  const uint64_t limit = uint64_t(in_features);
   std::vector<int32_t> lane_counts(windows);
   for (int64_t b = block_begin; b < block_end; ++b) {
     int32_t* block = steps + b * windows;
@@ -174,16 +182,23 @@ void count_window_steps(const index_t* idx, const int64_t* source_row, int64_t o
       const int64_t row = source_row_of(source_row, o);
       if (row < 0) continue;
       std::fill(lane_counts.begin(), lane_counts.end(), 0);
-      for (int64_t j = 0; j < fan_in; ++j) ++lane_counts[int64_t(idx[row * fan_in + j]) / columns];
+      for (int64_t j = 0; j < fan_in; ++j) {
+        const int64_t c = idx[row * fan_in + j];
+        if (uint64_t(c) >= limit) return false;
+        ++lane_counts[c / columns];
+      }
       for (int64_t w = 0; w < windows; ++w) block[w] = std::max(block[w], lane_counts[w]);
     }
   }
+  return true;
 }
 
 // Fills blocks [block_begin, block_end) of a blob whose header, block_steps and
 // steps are written. Each row's entries keep their order within a window.
+// False, at once, if idx no longer fits the step counts (it changed while the
+// layout was built): nothing is written outside the block's steps.
 template <typename scalar_t, typename index_t>
-void fill_window_blocks(const scalar_t* values, const index_t* idx, const int64_t* source_row, int64_t fan_in,
+bool fill_window_blocks(const scalar_t* values, const index_t* idx, const int64_t* source_row, int64_t fan_in,
                         uint8_t* blob, int64_t block_begin, int64_t block_end) {
   const WindowLayoutHeader h = read_window_header(blob);
   const auto* block_steps = reinterpret_cast<const int64_t*>(blob + h.block_steps_at);
@@ -192,7 +207,8 @@ void fill_window_blocks(const scalar_t* values, const index_t* idx, const int64_
   uint8_t* out_slots = blob + h.slots_at;
   const int64_t columns = h.window_columns();
   const uint8_t zero_slot = uint8_t(h.window - 1);
-  std::vector<int64_t> window_first_step(h.windows);
+  const uint64_t limit = uint64_t(h.in_features);
+  std::vector<int64_t> window_first_step(h.windows + 1);
   std::vector<int64_t> next_step(h.windows);
   for (int64_t b = block_begin; b < block_end; ++b) {
     // Padding everywhere first, then each lane's entries over it.
@@ -204,20 +220,25 @@ void fill_window_blocks(const scalar_t* values, const index_t* idx, const int64_
       window_first_step[w] = at;
       at += steps[b * h.windows + w];
     }
+    window_first_step[h.windows] = at;
     const int64_t row_end = std::min(h.out_features, (b + 1) * kWindowLanes);
     for (int64_t o = b * kWindowLanes; o < row_end; ++o) {
       const int64_t row = source_row_of(source_row, o);
       if (row < 0) continue;
       const int64_t lane = o - b * kWindowLanes;
-      std::copy(window_first_step.begin(), window_first_step.end(), next_step.begin());
+      std::copy(window_first_step.begin(), window_first_step.end() - 1, next_step.begin());
       for (int64_t j = 0; j < fan_in; ++j) {
         const int64_t c = idx[row * fan_in + j];
-        const int64_t position = next_step[c / columns]++ * kWindowLanes + lane;
+        if (uint64_t(c) >= limit) return false;
+        const int64_t w = c / columns;
+        if (next_step[w] >= window_first_step[w + 1]) return false;
+        const int64_t position = next_step[w]++ * kWindowLanes + lane;
         out_values[position] = values[row * fan_in + j];
         out_slots[position] = uint8_t(c % columns);
       }
     }
   }
+  return true;
 }
 
 // One row of x scattered into windows: out[w * window + s] = x[w * (window - 1) + s],
