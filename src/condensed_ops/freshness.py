@@ -55,10 +55,16 @@ def _own_tensors(module: nn.Module) -> Iterator[Tensor]:
 
 
 def _increment_versions(tensors: list) -> None:
-    # Inference tensors have no version counter, and the ops never cache them.
-    counted = [t for t in tensors if not t.is_inference()]
-    if counted:
-        torch.autograd.graph.increment_version(counted)
+    if not tensors:
+        return
+    try:
+        torch.autograd.graph.increment_version(tensors)  # skips inference tensors (torch 2.13)
+    except RuntimeError:
+        # Inference tensors have no version counter (some torch releases refuse
+        # them), and the ops never cache them.
+        counted = [t for t in tensors if not t.is_inference()]
+        if counted:
+            torch.autograd.graph.increment_version(counted)
 
 
 def _mark_stepped_parameters(optimizer: torch.optim.Optimizer, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
