@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 
+#include "cache_registry.h"
 #include "cpu/cpu_glue.h"
 #include "cpu/kernel_choice.h"
 #include "kernel_options.h"
@@ -24,6 +25,14 @@ bool avx2_compiled() {
 #endif
 }
 
+bool avx512_compiled() {
+#if defined(CONDENSED_OPS_WITH_AVX512)
+  return true;
+#else
+  return false;
+#endif
+}
+
 py::dict cpu_capabilities() {
   namespace cpu = condensed_ops::cpu;
   namespace k = condensed_ops::kernels;
@@ -32,6 +41,7 @@ py::dict cpu_capabilities() {
   py::dict facts;
   facts["avx2_compiled"] = avx2_compiled();
   facts["avx2_supported"] = k::avx2::cpu_supports();
+  facts["avx512_compiled"] = avx512_compiled();
   facts["avx512_supported"] = k::avx512::cpu_supports();
   facts["active_isa"] = cpu::isa_name(isa);
   facts["small_batch_max"] = cpu::kSmallBatchMax;
@@ -68,7 +78,11 @@ PYBIND11_MODULE(_C, m) {
     return options;
   });
   m.def("_threads_used_by_parallel_for", &condensed_ops::cpu::threads_used_by_parallel_for, py::arg("items"));
-  m.def("_cache_entries", &condensed_ops::cpu::cache_entries,
-        "Entries in the CPU caches of validated indices, column layouts and window layouts.");
-  m.def("_clear_caches", &condensed_ops::cpu::clear_caches);
+  m.def("_cache_entries", [] {
+    py::dict counts;
+    for (const auto& [name, size] : condensed_ops::CacheRegistry::instance().entries()) counts[py::str(name)] = size;
+    return counts;
+  }, "Entries in each cache the ops have used so far (validated indices, column, window and expanded-group layouts).");
+  m.def("_clear_caches", [] { condensed_ops::CacheRegistry::instance().clear_all(); },
+        "Empty every cache (tests; frees the layouts' memory at once).");
 }

@@ -24,12 +24,15 @@
 #include <c10/core/Storage.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include "cache_registry.h"
+
 #include <algorithm>
 #include <array>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -41,6 +44,12 @@ class TensorCache {
  public:
   using Sources = std::array<const at::Tensor*, kSources>;
 
+  // `name` is what CacheRegistry reports it as. Make each cache a function-local
+  // static: the registry keeps a pointer to it for the life of the process.
+  explicit TensorCache(std::string name) {
+    CacheRegistry::instance().add(std::move(name), [this] { return size(); }, [this] { clear(); });
+  }
+
   // The value stored for these sources under `key` (e.g. in_features), if
   // they are all unchanged since.
   std::optional<Value> find(const Sources& sources, const Key& key) {
@@ -51,17 +60,25 @@ class TensorCache {
     for (size_t i = 0; i < kSources; ++i) {
       if (!it->second.sources[i].matches(*sources[i])) return std::nullopt;
     }
+    it->second.last_used = ++clock_;
     return it->second.value;
   }
 
   void insert(const Sources& sources, const Key& key, Value value) {
     if (!cacheable(sources)) return;
-    Entry entry{{}, key, std::move(value)};
+    Entry entry{{}, key, std::move(value), 0};
     for (size_t i = 0; i < kSources; ++i) entry.sources[i] = Source::of(*sources[i]);
     std::lock_guard<std::mutex> lock(mutex_);
-    // Drop entries whose memory died: their values (layouts) may be large.
+    // Drop entries whose memory died: their values (layouts) may be large. A
+    // sweep of every entry is cheap next to what an insert follows (a scan of
+    // idx, a layout build), which happens once per tensor version.
     for (auto it = entries_.begin(); it != entries_.end();) it = it->second.expired() ? entries_.erase(it) : std::next(it);
-    if (entries_.size() >= kMaxEntries) entries_.clear();
+    if (entries_.size() >= kMaxEntries) {
+      entries_.erase(std::min_element(entries_.begin(), entries_.end(), [](const auto& a, const auto& b) {
+        return a.second.last_used < b.second.last_used;
+      }));
+    }
+    entry.last_used = ++clock_;
     entries_.insert_or_assign(where(*sources[0]), std::move(entry));
   }
 
@@ -153,6 +170,7 @@ class TensorCache {
     std::array<Source, kSources> sources;
     Key key;
     Value value;
+    uint64_t last_used;  // clock_ at the last insert or hit: the least recent goes first when full
     bool expired() const {
       for (const Source& s : sources) {
         if (s.expired()) return true;
@@ -163,6 +181,7 @@ class TensorCache {
 
   std::mutex mutex_;
   std::map<Where, Entry> entries_;
+  uint64_t clock_ = 0;
 };
 
 }  // namespace condensed_ops

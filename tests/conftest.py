@@ -26,6 +26,92 @@ def pytest_configure(config):
         r"ignore:.*torch\.jit.*deprecated:FutureWarning",
     ):
         config.addinivalue_line("filterwarnings", line)
+    config.addinivalue_line("markers", "slow(reason): left out of the quick tier (--quick)")
+    config.addinivalue_line("markers", "full_product: a kernel-path combination beyond pairwise coverage (left out by --quick)")
+
+
+# ---- tiers: the whole suite, and --quick --------------------------------------
+#
+# `pytest tests` runs everything (CI). `pytest tests --quick` is the tier to run
+# while working: it leaves out the tests marked slow (compilers, subprocesses,
+# the CUDA emulator, end-to-end runs) and, for tests run under every CPU kernel
+# path, the items beyond pairwise coverage (marked full_product): every pair of
+# parameter values (kernel path x dtype, kernel path x index dtype, dtype x
+# shape ...) still meets in some item.
+
+# Whole files of slow tests, by what dominates them.
+_SLOW_FILES = {
+    "test_cuda_emulated.py": "compiles the CUDA kernels for the CPU emulator and mutants of them",
+    "test_examples.py": "runs the examples end to end",
+    "test_accuracy_script.py": "trains small models",
+    "test_bench_vit.py": "times a ViT encoder",
+}
+
+
+# Single slow tests, by name (any parametrization): subprocesses, compilers, exporters, the fuzz.
+_SLOW_TESTS = {
+    "test_readme_command_runs": "runs the README's commands",
+    "test_two_gloo_processes_keep_identical_condensed_and_srigl_models": "starts two processes",
+    "test_cli_json_plot_and_report": "runs the benchmark command line",
+    "test_onnx_export_runs_in_onnxruntime": "exports to ONNX",
+    "test_loaded_script_model_trains_without_the_package": "starts a process",
+    "test_compile_fullgraph_forward_backward": "inductor compiles",
+    "test_compile_forward_and_backward": "inductor compiles",
+    "test_fuzz_every_route": "20 s of fuzzing",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--quick", action="store_true",
+        help="the quick tier: leave out tests marked slow and kernel-path combinations beyond pairwise coverage",
+    )
+
+
+def _pairwise_cover(items) -> set:
+    """Indices of a subset of ``items`` (one test function's parametrizations) in
+    which every pair of parameter values that occurs together occurs at least once.
+    Greedy, in collection order."""
+    covered, kept = set(), set()
+    for i, item in enumerate(items):
+        values = sorted((name, repr(value)) for name, value in item.callspec.params.items())
+        pairs = {(a, b) for j, a in enumerate(values) for b in values[j + 1:]}
+        if not pairs <= covered:
+            covered |= pairs
+            kept.add(i)
+    return kept
+
+
+def pytest_collection_modifyitems(config, items):
+    by_function = {}
+    for item in items:
+        reason = _SLOW_FILES.get(item.path.name) or _SLOW_TESTS.get(item.originalname)
+        if reason is not None:
+            item.add_marker(pytest.mark.slow(reason=reason))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "kernel_path" in callspec.params and len(callspec.params) > 2:
+            by_function.setdefault((item.path, item.originalname), []).append(item)
+    for group in by_function.values():
+        kept = _pairwise_cover(group)
+        for i, item in enumerate(group):
+            if i not in kept:
+                item.add_marker(pytest.mark.full_product)
+    if config.getoption("--quick"):
+        left_out = [item for item in items if item.get_closest_marker("slow") or item.get_closest_marker("full_product")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not (item.get_closest_marker("slow") or item.get_closest_marker("full_product"))]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say which compiled SIMD flavours no test ran, and why."""
+    if config.option.collectonly:
+        return
+    for isa in SIMD_ISAS:
+        if not _CAPABILITIES.get(f"{isa}_compiled", False) or isa in _EXERCISED_ISAS:
+            continue
+        why = "this CPU cannot run it" if isa in UNSUPPORTED_ISAS else "no selected test ran it"
+        terminalreporter.write_line(f"condensed_ops: the {isa} CPU kernels were compiled but not tested ({why})", yellow=True)
 
 
 # ---- CPU kernel paths ---------------------------------------------------------
@@ -61,14 +147,14 @@ def reset_kernel_options() -> None:
 
 
 
-@contextlib.contextmanager
-def cpu_kernel(isa: str, strategy: str = "auto") -> Iterator[None]:
-    """Force a CPU kernel path for the duration of the block, then go back to auto."""
-    set_kernel_options(cpu_isa=isa, cpu_strategy=strategy)
-    try:
-        yield
-    finally:
-        reset_kernel_options()
+# The SIMD flavours some test forced or ran by "auto": the summary names compiled ones left out.
+_EXERCISED_ISAS = set()
+
+
+def cpu_kernel(isa: str, strategy: str = "auto") -> contextlib.AbstractContextManager:
+    """Force a CPU kernel path for the duration of the block."""
+    _EXERCISED_ISAS.add(WIDEST_ISA if isa == "auto" else isa)
+    return condensed_ops.kernel_options(cpu_isa=isa, cpu_strategy=strategy)
 
 
 @pytest.fixture(params=KERNEL_PATHS, ids=kernel_path_id)

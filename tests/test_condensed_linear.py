@@ -239,8 +239,7 @@ def test_small_batch_choice_is_calibrated_and_reported():
     assert set(times) == {"gather", "scalar"}, caps["small_batch_reason"]
     faster = min(times, key=lambda name: float(times[name]))
     assert caps["small_batch_kernel"] == faster
-    with cpu_kernel("auto", "auto"):
-        condensed_ops._C._set_kernel_option("cpu_small_batch", "gather" if faster == "scalar" else "scalar")
+    with condensed_ops.kernel_options(cpu_small_batch="gather" if faster == "scalar" else "scalar"):
         forced = condensed_ops._C.cpu_capabilities()
         assert forced["small_batch_kernel"] != faster and "forced" in forced["small_batch_reason"]
     assert condensed_ops._C.cpu_capabilities()["small_batch_kernel"] == faster
@@ -293,6 +292,23 @@ def test_unknown_kernel_options_are_rejected(name, value):
         options = condensed_ops._C._kernel_options()
         assert (options.pop("cpu_isa"), options.pop("cpu_strategy")) == ("portable", "scalar")
         assert set(options.values()) == {"auto"}
+
+
+def test_kernel_options_restores_what_was_in_force_and_refuses_bad_choices():
+    with condensed_ops.kernel_options(cpu_strategy="scalar"):
+        with condensed_ops.kernel_options(cpu_isa="portable", cpu_small_batch="gather") as inside:
+            assert (inside["cpu_isa"], inside["cpu_strategy"], inside["cpu_small_batch"]) == ("portable", "scalar", "gather")
+            assert condensed_ops._C.cpu_capabilities()["active_isa"] == "portable"
+        assert condensed_ops.current_kernel_options()["cpu_isa"] == "auto"
+        assert condensed_ops.current_kernel_options()["cpu_strategy"] == "scalar"
+        with pytest.raises(ValueError, match="unknown kernel option 'gpu'"):
+            with condensed_ops.kernel_options(cpu_isa="portable", gpu="fast"):
+                pass
+        with pytest.raises(TypeError, match="cpu_isa must be a str"):
+            with condensed_ops.kernel_options(cpu_isa=2):
+                pass
+        assert condensed_ops.current_kernel_options()["cpu_isa"] == "auto", "a refused block must leave nothing behind"
+    assert set(condensed_ops.current_kernel_options().values()) == {"auto"}
 
 
 @pytest.mark.parametrize("isa", UNSUPPORTED_ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="this CPU/build runs every SIMD flavour"))])

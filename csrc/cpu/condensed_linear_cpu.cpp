@@ -69,7 +69,7 @@ bool parallel_all(int64_t begin, int64_t end, int64_t grain, const Chunk& chunk)
 
 // Per idx tensor: every entry lies in [0, bound).
 TensorCache<int64_t>& validated_indices() {
-  static TensorCache<int64_t> cache;
+  static TensorCache<int64_t> cache("cpu validated indices");
   return cache;
 }
 
@@ -220,7 +220,7 @@ struct ColumnLayout {
 };
 
 TensorCache<ColumnLayout>& column_layouts() {
-  static TensorCache<ColumnLayout> cache;
+  static TensorCache<ColumnLayout> cache("cpu column layouts");
   return cache;
 }
 
@@ -258,7 +258,7 @@ ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64
 
 // Keyed by (values, idx, active_rows) and (in_features, out_features, window).
 TensorCache<at::Tensor, 3, std::array<int64_t, 3>>& window_layouts() {
-  static TensorCache<at::Tensor, 3, std::array<int64_t, 3>> cache;
+  static TensorCache<at::Tensor, 3, std::array<int64_t, 3>> cache("cpu window layouts");
   return cache;
 }
 
@@ -599,16 +599,6 @@ int64_t threads_used_by_parallel_for(int64_t items) {
     threads.insert(at::get_thread_num());
   });
   return int64_t(threads.size());
-}
-
-size_t cache_entries() {
-  return validated_indices().size() + column_layouts().size() + window_layouts().size();
-}
-
-void clear_caches() {
-  validated_indices().clear();
-  column_layouts().clear();
-  window_layouts().clear();
 }
 
 TORCH_LIBRARY_IMPL(condensed_ops, CPU, m) {

@@ -10,9 +10,4 @@ namespace condensed_ops::cpu {
 // kernels' glue and counts the threads that took part: proves OpenMP is live.
 int64_t threads_used_by_parallel_for(int64_t items);
 
-// Entries in the caches of validated indices, column layouts and window
-// layouts; and a way to empty them (tests, and freeing memory at once).
-size_t cache_entries();
-void clear_caches();
-
 }  // namespace condensed_ops::cpu

@@ -73,7 +73,7 @@ void raise_if_a_kernel_met_a_bad_index(c10::DeviceIndex device) {
 
 // Per idx tensor: every entry lies in [0, bound).
 TensorCache<int64_t>& validated_indices() {
-  static TensorCache<int64_t> cache;
+  static TensorCache<int64_t> cache("cuda validated indices");
   return cache;
 }
 

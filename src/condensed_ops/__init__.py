@@ -40,6 +40,7 @@ from .freshness import mark_modified
 from .layout import to_condensed, to_dense
 from .modules import CondensedConv2d, CondensedLinear
 from .ops import condensed_linear, condensed_linear_packed, onnx_export_as, pack_for_inference
+from .options import current_kernel_options, kernel_options
 
 __version__: str = _C.__version__
 
@@ -51,6 +52,8 @@ __all__ = [
     "condense",
     "condensed_linear",
     "condensed_linear_packed",
+    "current_kernel_options",
+    "kernel_options",
     "load_condensed",
     "mark_modified",
     "masks",
