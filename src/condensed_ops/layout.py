@@ -14,6 +14,19 @@ def default_index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= _INT16_MAX_IN_FEATURES else torch.int32
 
 
+def check_index_dtype(index_dtype: object, in_features: int) -> None:
+    """index_dtype must be an integer dtype the ops take that reaches column ``in_features - 1``
+    (the one rule for constructors, conversions and loads)."""
+    if index_dtype not in (torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"index_dtype must be torch.int16, torch.int32 or torch.int64, got {index_dtype}")
+    highest = torch.iinfo(index_dtype).max
+    if in_features - 1 > highest:
+        raise ValueError(
+            f"index_dtype={index_dtype} cannot address the layer's {in_features} input columns: it cannot hold "
+            f"column {in_features - 1} (its largest index is {highest}); use torch.int32 or leave index_dtype=None"
+        )
+
+
 def to_condensed(
     dense_weight: Tensor, mask: Optional[Tensor] = None, index_dtype: Optional[torch.dtype] = None
 ) -> Tuple[Tensor, Tensor]:
@@ -33,10 +46,7 @@ def to_condensed(
     out_features, in_features = dense_weight.shape
     if index_dtype is None:
         index_dtype = default_index_dtype(in_features)
-    if index_dtype not in (torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"to_condensed: index_dtype must be torch.int16, int32 or int64, got {index_dtype}")
-    if in_features - 1 > torch.iinfo(index_dtype).max:
-        raise ValueError(f"to_condensed: index_dtype {index_dtype} cannot hold column {in_features - 1}")
+    check_index_dtype(index_dtype, in_features)
 
     fan_in_per_row = mask.sum(dim=1)
     fan_in = int(fan_in_per_row[0]) if out_features else 0

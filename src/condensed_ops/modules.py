@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import default_index_dtype, to_condensed
+from .layout import check_index_dtype, default_index_dtype, to_condensed
 from .layout import to_dense as _condensed_to_dense
 from .masks import pad_to_constant_fan_in
 from .ops import condensed_linear
@@ -208,18 +208,6 @@ def _index_view(storage: Tensor, shape: List[int]) -> Tensor:
     return storage.view(dtype=torch.int16).view(shape) if storage.dtype == torch.uint8 else storage
 
 
-def _check_index_dtype(index_dtype: object, in_features: int) -> None:
-    """index_dtype must be an integer dtype the ops take that reaches column ``in_features - 1``."""
-    if index_dtype not in (torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"index_dtype must be torch.int16, torch.int32 or torch.int64, got {index_dtype}")
-    highest = torch.iinfo(index_dtype).max
-    if in_features - 1 > highest:
-        raise ValueError(
-            f"index_dtype={index_dtype} cannot address the layer's {in_features} input columns "
-            f"(its largest index is {highest}); use torch.int32 or leave index_dtype=None"
-        )
-
-
 def _describe(t: object) -> str:
     return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
@@ -315,7 +303,7 @@ class CondensedLayer(nn.Module):
         if not 0 <= active_neurons <= out_features:
             raise ValueError(f"active_neurons must be in [0, out_features={out_features}], got {active_neurons}")
         index_dtype = default_index_dtype(in_features) if index_dtype is None else index_dtype
-        _check_index_dtype(index_dtype, in_features)
+        check_index_dtype(index_dtype, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.fan_in = fan_in
