@@ -30,6 +30,7 @@ cuda=$(sed -n "s/^cuda: .* = '\(.*\)'$/\1/p" "$work/site/torch/version.py")
 cat >"$work/site/torch/__init__.py" <<EOF
 # What CMakeLists.txt asks torch; the real headers and libraries sit beside this file.
 import types
+__version__ = "$version+cu${cuda/./}"
 version = types.SimpleNamespace(cuda="$cuda")
 def compiled_with_cxx11_abi():
     return True
