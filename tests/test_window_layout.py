@@ -208,7 +208,7 @@ def test_cache_lets_go_of_dead_weights():
         pack(sample.values, sample.idx, 64)
     # Each insert drops entries whose tensors died: only the live ones remain.
     entries = condensed_ops._C._cache_entries()
-    assert entries["cpu window layouts"] == 1 and entries["cpu validated indices"] == 1, entries
+    assert entries["cpu window layouts"] == 1 and entries["validated indices"] == 1, entries
 
 
 # ---- bad input ------------------------------------------------------------------------------

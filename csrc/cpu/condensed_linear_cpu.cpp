@@ -1,10 +1,8 @@
 // CPU glue: checks, index validation, layouts and their caches, thread split,
 // kernel choice. The kernels (torch-free) live in csrc/kernels/cpu.
 //
-// Index validation is decided in one place, prepare_indices: an idx tensor is
-// scanned once per version (the result is cached), and every op then trusts
-// it. The kernels still check every index they read (idx may have been
-// rewritten through .data or numpy, which bypasses the version counter); a
+// Every op validates idx through prepare_indices (the rule is device-agnostic:
+// index_validation.h). The kernels still check every index they read; a
 // kernel that met a bad one makes the op rescan and raise the IndexError
 // naming it.
 #include <ATen/Dispatch.h>
@@ -26,6 +24,7 @@
 
 #include "../glue_common.h"
 #include "../grouped.h"
+#include "../index_validation.h"
 #include "../kernels/cpu/cpu_kernels.h"
 #include "../op_checks.h"
 #include "../tensor_cache.h"
@@ -67,50 +66,21 @@ bool parallel_all(int64_t begin, int64_t end, int64_t grain, const Chunk& chunk)
 
 // ---- indices -------------------------------------------------------------------
 
-// Per idx tensor: every entry lies in [0, bound).
-TensorCache<int64_t>& validated_indices() {
-  static TensorCache<int64_t> cache("cpu validated indices");
-  return cache;
-}
-
-// Where in_features came from, for the message: x's width, or an argument.
-enum class Width { OfX, Argument };
-
-// The position of the first entry of a contiguous idx outside [0, in_features), or -1.
-int64_t first_bad_index(const at::Tensor& contiguous, int64_t in_features) {
+// The CPU scan behind validate_indices (index_validation.h).
+bool all_indices_inside(const at::Tensor& idx, int64_t in_features) {
+  const at::Tensor contiguous = idx.contiguous();
   const int64_t n = contiguous.numel();
   switch (contiguous.scalar_type()) {
-    case at::kShort: return k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features);
-    case at::kInt: return k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features);
-    default: return k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features);
+    case at::kShort: return k::first_index_out_of_range(contiguous.data_ptr<int16_t>(), n, in_features) < 0;
+    case at::kInt: return k::first_index_out_of_range(contiguous.data_ptr<int32_t>(), n, in_features) < 0;
+    default: return k::first_index_out_of_range(contiguous.data_ptr<int64_t>(), n, in_features) < 0;
   }
 }
 
-[[noreturn]] void raise_index_error(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
-  validated_indices().forget(idx);
-  const at::Tensor contiguous = idx.contiguous();
-  const int64_t bad = first_bad_index(contiguous, in_features);
-  TORCH_CHECK_INDEX(bad < 0, "condensed_linear: idx[", bad / std::max<int64_t>(1, idx.size(1)), ", ",
-                    bad % std::max<int64_t>(1, idx.size(1)), "] = ", contiguous.view(-1)[std::max<int64_t>(0, bad)].item<int64_t>(),
-                    " is outside [0, in_features=", in_features, ")",
-                    width == Width::OfX ? " (in_features is x's last dimension: is x narrower than the layer?)" : "");
-  // A kernel met a bad index that is gone now: idx changed while the op ran.
-  TORCH_CHECK_INDEX(false, "condensed_linear: idx held an index outside [0, in_features=", in_features,
-                    ") while the op ran (was it modified concurrently?)");
-}
-
-// The one validation decision: raises IndexError naming the first entry of idx
-// outside [0, in_features) unless this tensor, at this version, passed
-// before; returns the kernels' contiguous int16/int32 indices.
-at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, Width width = Width::OfX) {
-  const at::Tensor contiguous = idx.contiguous();
-  const auto bound = validated_indices().find({&idx}, 0);
-  if (!bound || *bound > in_features) {
-    if (first_bad_index(contiguous, in_features) >= 0) raise_index_error(idx, in_features, width);
-    // Every entry lies below in_features: valid for any call at least this wide.
-    validated_indices().insert({&idx}, 0, idx.numel() > 0 ? in_features : 0);
-  }
-  return narrow_indices(contiguous, in_features);
+// idx validated, as the kernels' contiguous int16/int32 indices.
+at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, WidthSource width = WidthSource::OfX) {
+  validate_indices(idx, in_features, width, all_indices_inside);
+  return narrow_indices(idx, in_features);
 }
 
 // ---- the row layout's kernels -----------------------------------------------------
@@ -249,7 +219,7 @@ ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64
       });
     });
   });
-  if (!inside) raise_index_error(idx, in_features, Width::Argument);
+  if (!inside) raise_index_error(idx, in_features, WidthSource::Argument);
   column_layouts().insert({&idx}, in_features, layout);
   return layout;
 }
@@ -330,7 +300,7 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
       inside = run_rows(p);
     });
   });
-  if (!inside) raise_index_error(idx, in_features);
+  if (!inside) raise_index_error(idx, in_features, WidthSource::OfX);
   return y;
 }
 
@@ -368,7 +338,7 @@ at::Tensor condensed_linear_grouped_cpu(const at::Tensor& x, const at::Tensor& v
       inside = run_tiled(p, out_features, isa);
     });
   });
-  if (!inside) raise_index_error(idx, in_features);
+  if (!inside) raise_index_error(idx, in_features, WidthSource::OfX);
   return y;
 }
 
@@ -377,7 +347,7 @@ at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::T
                                            int64_t in_features) {
   check_condensed_linear_grad_input_inputs(grad_y, values, idx, in_features);
   at::Tensor grad_x = at::empty(grad_input_shape(grad_y, in_features), grad_y.options());
-  const at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
+  const at::Tensor idx_k = prepare_indices(idx, in_features, WidthSource::Argument);
   if (grad_x.numel() == 0) return grad_x;
   const int64_t out_features = values.size(0);
   const int64_t entries = values.numel();
@@ -459,7 +429,7 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
       }
     });
   });
-  if (!inside) raise_index_error(idx, in_features);
+  if (!inside) raise_index_error(idx, in_features, WidthSource::OfX);
   if (!grad_acc.is_same(grad)) grad.copy_(grad_acc);
   return grad;
 }
@@ -498,8 +468,8 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
   // Scanned on every build, not trusted from the validation cache: a layout
   // outlives the call, so it must never be built from an index rewritten
   // through .data since idx was validated. (An error names idx[group, j].)
-  validated_indices().forget(idx);
-  at::Tensor idx_k = prepare_indices(idx, in_features, Width::Argument);
+  forget_validated_indices(idx);
+  at::Tensor idx_k = prepare_indices(idx, in_features, WidthSource::Argument);
   // A grouped layout packs as its rows, each group's indices repeated
   // (grouped.h), expanded afresh for the same reason.
   if (grouped) idx_k = at::repeat_interleave(idx_k, values.size(1), /*dim=*/0).contiguous();
@@ -513,7 +483,7 @@ at::Tensor pack_for_inference_cpu(const at::Tensor& values, const at::Tensor& id
                                  values.size(-1), in_features, window);
     });
   });
-  if (!blob.defined()) raise_index_error(idx, in_features, Width::Argument);
+  if (!blob.defined()) raise_index_error(idx, in_features, WidthSource::Argument);
   window_layouts().insert(sources, key, blob);
   return blob;
 }

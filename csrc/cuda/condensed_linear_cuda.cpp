@@ -1,5 +1,5 @@
-// CUDA glue: checks, device limits, layouts, device and stream, kernel plans,
-// the three ops. The kernels (torch-free) live in csrc/kernels/cuda; index
+// CUDA glue: checks, device limits, W's column layout (cached), device and
+// stream, kernel plans, the ops. The kernels (torch-free) live in csrc/kernels/cuda; index
 // validation and the bad-index flag in index_guard.cpp. Built only when torch
 // has CUDA and nvcc exists.
 #include <ATen/Context.h>
@@ -23,6 +23,7 @@
 #include "../kernel_options.h"
 #include "../kernels/cuda/condensed_linear_cuda.h"
 #include "../op_checks.h"
+#include "../tensor_cache.h"
 #include "index_guard.h"
 
 namespace condensed_ops::cuda {
@@ -95,7 +96,7 @@ at::Tensor condensed_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
   const int64_t fan_in = values.size(1);
   at::Tensor y = at::empty(condensed_linear_output_shape(x, values), x.options());
   // Checked on every call, even with nothing to compute, like the CPU ops.
-  validate_indices(idx, in_features, call.capturing);
+  validate_indices(idx, in_features, WidthSource::OfX, call);
   if (y.numel() == 0) return y;
   const int64_t batch = y.numel() / out_features;
   const at::Tensor idx_c = kernel_indices(idx, in_features);
@@ -142,30 +143,40 @@ void grad_input_scatter(const at::Tensor& grad_y_2d, const at::Tensor& values_c,
   if (!in_place) grad_x.view({batch, in_features}).copy_(grad_x_acc);
 }
 
-// grad_x deterministically: W's column layout (a stable sort on the device),
-// then the forward kernels over it.
-template <typename scalar_t, typename index_t>
-void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values_c, const at::Tensor& idx_k,
-                           const at::Tensor& grad_x, int64_t batch, int64_t in_features, const CallContext& call) {
-  using kernel_scalar_t = Kernel::type<scalar_t>;
-  const int64_t out_features = values_c.size(0);
-  const int64_t entries = values_c.numel();
-  TORCH_CHECK(entries <= std::numeric_limits<int32_t>::max(),
-              "condensed_linear: the deterministic CUDA grad_x handles fewer than 2^31 weights, got ", entries);
+// ---- W's column layout, cached per idx version -------------------------------------
+
+struct ColumnLayout {
+  at::Tensor offsets;  // int64 [in_features + 1]
+  at::Tensor rows;     // int32 [entries]: the output of each entry, by column
+  at::Tensor sources;  // int32 [entries]: each entry's position in values
+};
+
+TensorCache<ColumnLayout>& column_layouts() {
+  static TensorCache<ColumnLayout> cache("cuda column layouts");
+  return cache;
+}
+
+// The layout of idx (the op's argument, the cache key) from its kernel indices
+// idx_k: a stable radix sort on the device, once per idx version.
+template <typename index_t>
+ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64_t in_features,
+                           const CallContext& call) {
+  if (auto cached = column_layouts().find({&idx}, in_features)) return *cached;
+  const int64_t entries = idx_k.numel();
+  TORCH_CHECK_VALUE(entries <= std::numeric_limits<int32_t>::max(),
+                    "condensed_linear: the deterministic CUDA grad_x handles fewer than 2^31 weights, got ", entries);
   size_t sort_bytes = 0;
   C10_CUDA_CHECK(k::column_layout_sort_bytes(entries, in_features, &sort_bytes));
-  const auto int32 = grad_y_2d.options().dtype(at::kInt);
+  const auto int32 = idx_k.options().dtype(at::kInt);
   const at::Tensor keys = at::empty({2, entries}, int32);
   const at::Tensor positions = at::empty({2, entries}, int32);
-  const at::Tensor rows = at::empty({entries}, int32);
-  const at::Tensor sort_scratch = at::empty({int64_t(std::max<size_t>(sort_bytes, 1))}, grad_y_2d.options().dtype(at::kByte));
-  const at::Tensor column_offsets = at::empty({in_features + 1}, grad_y_2d.options().dtype(at::kLong));
-  const at::Tensor column_values = at::empty({entries}, values_c.options());
-  k::ColumnLayoutProblem<kernel_scalar_t, index_t> t{};
-  t.values = Kernel::ptr<scalar_t>(values_c);
+  const at::Tensor sort_scratch = at::empty({int64_t(std::max<size_t>(sort_bytes, 1))}, idx_k.options().dtype(at::kByte));
+  ColumnLayout layout{at::empty({in_features + 1}, idx_k.options().dtype(at::kLong)), at::empty({entries}, int32),
+                      at::empty({entries}, int32)};
+  k::ColumnLayoutProblem<index_t> t{};
   t.idx = idx_k.data_ptr<index_t>();
-  t.out_features = out_features;
-  t.fan_in = values_c.size(1);
+  t.out_features = idx_k.size(0);
+  t.fan_in = idx_k.size(1);
   t.in_features = in_features;
   t.keys[0] = reinterpret_cast<uint32_t*>(keys[0].data_ptr<int32_t>());
   t.keys[1] = reinterpret_cast<uint32_t*>(keys[1].data_ptr<int32_t>());
@@ -173,21 +184,37 @@ void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values
   t.positions[1] = positions[1].data_ptr<int32_t>();
   t.sort_scratch = sort_scratch.data_ptr();
   t.sort_scratch_bytes = sort_bytes;
-  t.column_offsets = column_offsets.data_ptr<int64_t>();
-  t.rows = rows.data_ptr<int32_t>();
-  t.column_values = Kernel::ptr<scalar_t>(column_values);
+  t.column_offsets = layout.offsets.data_ptr<int64_t>();
+  t.rows = layout.rows.data_ptr<int32_t>();
+  t.sources = layout.sources.data_ptr<int32_t>();
   t.bad_index_flag = call.flag;
   C10_CUDA_CHECK(k::build_column_layout(t, call.stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // A layout built while capturing is written only when the graph replays.
+  if (!call.capturing) column_layouts().insert({&idx}, in_features, layout);
+  return layout;
+}
+
+// grad_x deterministically: the forward kernels over W's column layout.
+template <typename scalar_t, typename index_t>
+void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values_c, const at::Tensor& idx,
+                           const at::Tensor& idx_k, const at::Tensor& grad_x, int64_t batch, int64_t in_features,
+                           const CallContext& call) {
+  using kernel_scalar_t = Kernel::type<scalar_t>;
+  const int64_t out_features = values_c.size(0);
+  const ColumnLayout layout = column_layout<index_t>(idx, idx_k, in_features, call);
+  // The weights in column order: values change every step, the layout only with idx.
+  const at::Tensor column_values = values_c.view(-1).index_select(0, layout.sources);
   // rows < out_features by construction: the guard in the kernel never fires.
   const k::ForwardProblem<kernel_scalar_t, int32_t> p{
       Kernel::ptr<scalar_t>(grad_y_2d), grad_y_2d.stride(0),
-      Kernel::ptr<scalar_t>(column_values), rows.data_ptr<int32_t>(), /*bias=*/nullptr,
+      Kernel::ptr<scalar_t>(column_values), layout.rows.data_ptr<int32_t>(), /*bias=*/nullptr,
       Kernel::ptr<scalar_t>(grad_x), in_features,
       batch, out_features, in_features, /*fan_in=*/0,
-      column_offsets.data_ptr<int64_t>(), call.flag};
+      layout.offsets.data_ptr<int64_t>(), call.flag};
   const k::LaunchPlan plan = k::plan_forward<kernel_scalar_t>(
-      batch, out_features, in_features, double(entries) / double(in_features), device_limits(call.device), x_access());
+      batch, out_features, in_features, double(values_c.numel()) / double(in_features), device_limits(call.device),
+      x_access());
   C10_CUDA_CHECK(k::launch_forward(p, plan, call.stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -199,7 +226,7 @@ at::Tensor condensed_linear_grad_input_cuda(const at::Tensor& grad_y, const at::
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const CallContext call = begin_call(grad_y);
   at::Tensor grad_x = at::empty(grad_input_shape(grad_y, in_features), grad_y.options());
-  validate_indices(idx, in_features, call.capturing);
+  validate_indices(idx, in_features, WidthSource::Argument, call);
   if (grad_x.numel() == 0) return grad_x;
   const int64_t batch = grad_x.numel() / in_features;
   if (values.numel() == 0) return grad_x.zero_();
@@ -217,7 +244,7 @@ at::Tensor condensed_linear_grad_input_cuda(const at::Tensor& grad_y, const at::
       if (scatter) {
         grad_input_scatter<scalar_t, index_t>(grad_y_2d, values_c, idx_k, grad_x, batch, in_features, call);
       } else {
-        grad_input_by_columns<scalar_t, index_t>(grad_y_2d, values_c, idx_k, grad_x, batch, in_features, call);
+        grad_input_by_columns<scalar_t, index_t>(grad_y_2d, values_c, idx, idx_k, grad_x, batch, in_features, call);
       }
     });
   });
@@ -231,7 +258,7 @@ at::Tensor condensed_linear_grad_values_cuda(const at::Tensor& grad_y, const at:
   const CallContext call = begin_call(x);
   at::Tensor grad = at::empty(idx.sizes(), x.options());
   const int64_t in_features = x.size(-1);
-  validate_indices(idx, in_features, call.capturing);
+  validate_indices(idx, in_features, WidthSource::OfX, call);
   if (grad.numel() == 0) return grad;
   const int64_t out_features = idx.size(0);
   const int64_t fan_in = idx.size(1);
@@ -278,7 +305,7 @@ at::Tensor condensed_linear_grouped_cuda(const at::Tensor& x, const at::Tensor& 
   const int64_t groups = values.size(0), group_size = values.size(1), fan_in = values.size(2);
   const int64_t out_features = groups * group_size;
   // On the grouped idx, so that an error names idx[group, j].
-  validate_indices(idx, in_features, call.capturing);
+  validate_indices(idx, in_features, WidthSource::OfX, call);
   const int64_t batch = x.numel() / std::max<int64_t>(in_features, 1);
   const bool half_precision = values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16;
   const k::DeviceLimits& limits = device_limits(call.device);

@@ -1,5 +1,5 @@
-// CUDA index validation: the per-device bad-index flag and the cache of
-// validated idx tensors (see index_guard.h).
+// CUDA index validation: the per-device bad-index flag and the CUDA scan
+// (see index_guard.h).
 #include "index_guard.h"
 
 #include <ATen/ops/stack.h>
@@ -10,8 +10,6 @@
 #include <array>
 #include <atomic>
 #include <mutex>
-
-#include "../tensor_cache.h"
 
 namespace condensed_ops::cuda {
 namespace {
@@ -71,10 +69,12 @@ void raise_if_a_kernel_met_a_bad_index(c10::DeviceIndex device) {
                     "bumping its version counter (e.g. through .data)");
 }
 
-// Per idx tensor: every entry lies in [0, bound).
-TensorCache<int64_t>& validated_indices() {
-  static TensorCache<int64_t> cache("cuda validated indices");
-  return cache;
+// The CUDA scan behind validate_indices: one min/max reduction, and the host
+// waits for the two numbers.
+bool all_indices_inside(const at::Tensor& idx, int64_t in_features) {
+  const auto [lowest, highest] = idx.aminmax();
+  const at::Tensor range = at::stack({lowest.to(at::kLong), highest.to(at::kLong)}).cpu();  // the one sync
+  return range[0].item<int64_t>() >= 0 && range[1].item<int64_t>() < in_features;
 }
 
 }  // namespace
@@ -88,21 +88,8 @@ CallContext begin_call(const at::Tensor& any_input) {
   return CallContext{device, stream, capturing, bad_index_flag(device, capturing)};
 }
 
-void validate_indices(const at::Tensor& idx, int64_t in_features, bool capturing) {
-  if (idx.numel() == 0 || capturing) return;
-  const auto bound = validated_indices().find({&idx}, 0);
-  if (bound && *bound <= in_features) return;
-  const auto [lowest, highest] = idx.aminmax();
-  const at::Tensor range = at::stack({lowest.to(at::kLong), highest.to(at::kLong)}).cpu();  // the one sync
-  const int64_t low = range[0].item<int64_t>();
-  const int64_t high = range[1].item<int64_t>();
-  if (low < 0 || high >= in_features) {
-    const at::Tensor bad = idx.lt(0).logical_or_(idx.ge(in_features)).nonzero()[0].cpu();
-    const int64_t row = bad[0].item<int64_t>(), column = bad[1].item<int64_t>();
-    TORCH_CHECK_INDEX(false, "condensed_linear: idx[", row, ", ", column, "] = ", idx[row][column].item<int64_t>(),
-                      " is outside [0, in_features=", in_features, ")");
-  }
-  validated_indices().insert({&idx}, 0, high + 1);
+void validate_indices(const at::Tensor& idx, int64_t in_features, WidthSource width, const CallContext& call) {
+  if (!call.capturing) condensed_ops::validate_indices(idx, in_features, width, all_indices_inside);
 }
 
 }  // namespace condensed_ops::cuda

@@ -6,8 +6,9 @@
 // the bad index (like the CPU ops do):
 //  - the first time an idx tensor is seen (or after it was modified in place:
 //    its version counter moved), one min/max reduction checks it and the host
-//    waits for the two numbers. The result is cached per tensor
-//    (tensor_cache.h), so steady state (the same idx every step) costs no sync.
+//    waits for the two numbers. The result is cached per tensor, under the
+//    rule every backend shares (index_validation.h), so steady state (the same
+//    idx every step) costs no sync.
 //  - a call captured into a CUDA graph cannot sync: it skips that check and
 //    relies on the kernels' guard (int64 indices are clamped to [-1, in_features]
 //    before narrowing, so that 2^32 + 5 cannot wrap into a valid column).
@@ -21,6 +22,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <cuda_runtime_api.h>
+
+#include "../index_validation.h"
 
 namespace condensed_ops::cuda {
 
@@ -36,9 +39,8 @@ struct CallContext {
 // current stream, whether it is capturing, and the flag.
 CallContext begin_call(const at::Tensor& any_input);
 
-// Raises an IndexError naming the first entry of idx outside [0, in_features),
-// unless this very tensor (same version) passed before or the stream is
-// capturing (no sync possible: the kernels' guard and flag take over).
-void validate_indices(const at::Tensor& idx, int64_t in_features, bool capturing);
+// validate_indices (index_validation.h) with the CUDA scan, unless the call
+// is being captured (no sync possible: the kernels' guard and flag take over).
+void validate_indices(const at::Tensor& idx, int64_t in_features, WidthSource width, const CallContext& call);
 
 }  // namespace condensed_ops::cuda

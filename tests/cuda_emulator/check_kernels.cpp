@@ -10,6 +10,7 @@
 //
 //   check_kernels [quick|full|races] [seed]
 // Prints one line per failure and a summary; exits 1 on any failure.
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <limits>
@@ -268,13 +269,12 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     expect(k::column_layout_sort_bytes(entries, I, &sort_bytes) == cudaSuccess, "column layout: sort bytes",
            c.describe());
     std::vector<uint32_t> keys0(static_cast<size_t>(entries)), keys1(static_cast<size_t>(entries));
-    std::vector<int32_t> positions0(static_cast<size_t>(entries)), positions1(static_cast<size_t>(entries)), rows(static_cast<size_t>(entries));
+    std::vector<int32_t> positions0(static_cast<size_t>(entries)), positions1(static_cast<size_t>(entries)),
+        rows(static_cast<size_t>(entries)), sources(static_cast<size_t>(entries), -1);
     std::vector<unsigned char> scratch(std::max<size_t>(sort_bytes, 1));
     std::vector<int64_t> column_offsets(size_t(I + 1), -1);
-    std::vector<scalar_t> column_values(static_cast<size_t>(entries));
     int flag = 0;
-    k::ColumnLayoutProblem<scalar_t, index_t> t{};
-    t.values = values.data();
+    k::ColumnLayoutProblem<index_t> t{};
     t.idx = idx.data();
     t.out_features = O;
     t.fan_in = K;
@@ -287,7 +287,7 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     t.sort_scratch_bytes = sort_bytes;
     t.column_offsets = column_offsets.data();
     t.rows = rows.data();
-    t.column_values = column_values.data();
+    t.sources = sources.data();
     t.bad_index_flag = &flag;
     expect(k::build_column_layout(t, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
            "column layout: build", c.describe());
@@ -295,6 +295,14 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     for (int64_t i = 0; i < I; ++i) offsets_ok &= column_offsets[size_t(i)] <= column_offsets[size_t(i + 1)];
     expect(offsets_ok, "column layout: column offsets not monotone from 0", c.describe());
     expect(flag == int(any_bad), "column layout: bad-index flag", c.describe());
+    // sources: a permutation of the entries (a gather by it stays in bounds), in column order.
+    std::vector<int32_t> sorted_sources = sources;
+    std::sort(sorted_sources.begin(), sorted_sources.end());
+    bool permutation = true;
+    for (int64_t e = 0; e < entries; ++e) permutation &= sorted_sources[size_t(e)] == int32_t(e);
+    expect(permutation, "column layout: sources are not a permutation of the entries", c.describe());
+    std::vector<scalar_t> column_values(static_cast<size_t>(entries));  // what the glue gathers per call
+    for (int64_t e = 0; e < entries; ++e) column_values[size_t(e)] = values[size_t(sources[size_t(e)])];
 
     std::vector<scalar_t> first;
     for (int run = 0; run < 2; ++run) {

@@ -152,21 +152,20 @@ __global__ void __launch_bounds__(kThreads)
 
 // Thread p (0 <= p <= entries) writes column_offsets[c] = p for every column c
 // in (key[p - 1], key[p]]: each offset exactly once, empty columns included,
-// with no atomics or scan. Entries with a real column also get their row and
-// weight copied into column order.
-template <typename scalar_t>
+// with no atomics or scan. Every entry gets its position in values (its
+// source); entries with a real column also get their row.
 __global__ void __launch_bounds__(kThreads)
     column_offsets_kernel(const uint32_t* sorted_keys, const int32_t* sorted_positions, int64_t entries,
-                          uint32_t in_features, int64_t fan_in, const scalar_t* values, int64_t* column_offsets,
-                          int32_t* rows, scalar_t* column_values) {
+                          uint32_t in_features, int64_t fan_in, int64_t* column_offsets, int32_t* rows,
+                          int32_t* sources) {
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p <= entries; p += int64_t(gridDim.x) * blockDim.x) {
     const int64_t previous = p == 0 ? -1 : int64_t(sorted_keys[p - 1]);
     const int64_t current = p == entries ? int64_t(in_features) : int64_t(sorted_keys[p]);
     for (int64_t c = previous + 1; c <= current; ++c) column_offsets[c] = p;
-    if (p < entries && current < int64_t(in_features)) {
+    if (p < entries) {
       const int32_t position = sorted_positions[p];
-      rows[p] = int32_t(position / fan_in);
-      column_values[p] = values[position];
+      sources[p] = position;
+      if (current < int64_t(in_features)) rows[p] = int32_t(position / fan_in);
     }
   }
 }
@@ -297,8 +296,8 @@ cudaError_t column_layout_sort_bytes(int64_t entries, int64_t in_features, size_
   return cub::DeviceRadixSort::SortPairs(nullptr, *bytes, keys, positions, entries, 0, key_bits(in_features));
 }
 
-template <typename scalar_t, typename index_t>
-cudaError_t build_column_layout(const ColumnLayoutProblem<scalar_t, index_t>& p, cudaStream_t stream) {
+template <typename index_t>
+cudaError_t build_column_layout(const ColumnLayoutProblem<index_t>& p, cudaStream_t stream) {
   const int64_t entries = p.out_features * p.fan_in;
   const uint32_t in = static_cast<uint32_t>(p.in_features);
   if (entries > 0) {
@@ -317,9 +316,9 @@ cudaError_t build_column_layout(const ColumnLayoutProblem<scalar_t, index_t>& p,
                                                             key_bits(p.in_features), stream);
     if (err != cudaSuccess) return err;
   }
-  column_offsets_kernel<scalar_t><<<grid_for(entries + 1), kThreads, 0, stream>>>(
-      keys.Current(), positions.Current(), entries, in, std::max<int64_t>(p.fan_in, 1), p.values, p.column_offsets,
-      p.rows, p.column_values);
+  column_offsets_kernel<<<grid_for(entries + 1), kThreads, 0, stream>>>(
+      keys.Current(), positions.Current(), entries, in, std::max<int64_t>(p.fan_in, 1), p.column_offsets, p.rows,
+      p.sources);
   return cudaGetLastError();
 }
 
@@ -339,8 +338,6 @@ cudaError_t launch_grad_input_scatter(const ScatterGradInputProblem<scalar_t, in
 #define CONDENSED_OPS_BACKWARD(scalar_t, index_t)                                                            \
   template cudaError_t launch_grad_values<scalar_t, index_t>(const GradValuesProblem<scalar_t, index_t>&,    \
                                                               const LaunchPlan&, cudaStream_t);             \
-  template cudaError_t build_column_layout<scalar_t, index_t>(                                           \
-      const ColumnLayoutProblem<scalar_t, index_t>&, cudaStream_t);                                      \
   template cudaError_t launch_grad_input_scatter<scalar_t, index_t>(                                         \
       const ScatterGradInputProblem<scalar_t, index_t>&, const DeviceLimits&, cudaStream_t);
 
@@ -348,6 +345,8 @@ CONDENSED_OPS_BACKWARD_FOR_SCALAR(float)
 CONDENSED_OPS_BACKWARD_FOR_SCALAR(double)
 CONDENSED_OPS_BACKWARD_FOR_SCALAR(__half)
 CONDENSED_OPS_BACKWARD_FOR_SCALAR(__nv_bfloat16)
+template cudaError_t build_column_layout<int16_t>(const ColumnLayoutProblem<int16_t>&, cudaStream_t);
+template cudaError_t build_column_layout<int32_t>(const ColumnLayoutProblem<int32_t>&, cudaStream_t);
 CONDENSED_OPS_BACKWARD(float, int16_t)
 CONDENSED_OPS_BACKWARD(float, int32_t)
 CONDENSED_OPS_BACKWARD(double, int16_t)

@@ -134,10 +134,9 @@ cudaError_t launch_grad_values(const GradValuesProblem<scalar_t, index_t>& p, co
 // row_offsets = column_offsets and idx = rows. Every grad_x element is one
 // fixed-order sum written by one lane: no atomics, bitwise reproducible.
 
-template <typename scalar_t, typename index_t>
+template <typename index_t>
 struct ColumnLayoutProblem {
-  const scalar_t* values;  // [out_features, fan_in], contiguous
-  const index_t* idx;      // [out_features, fan_in], contiguous
+  const index_t* idx;  // [out_features, fan_in], contiguous
   int64_t out_features;
   int64_t fan_in;
   int64_t in_features;
@@ -147,19 +146,22 @@ struct ColumnLayoutProblem {
   int32_t* positions[2];
   void* sort_scratch;
   size_t sort_scratch_bytes;
-  // Result: column c's entries are [column_offsets[c], column_offsets[c + 1])
-  // of rows / column_values; entries with a bad index are left out.
+  // Result, a function of idx alone (the glue caches it per idx version):
+  // column c's entries are [column_offsets[c], column_offsets[c + 1]) of rows
+  // and sources; sources[p] is entry p's position in values, for every
+  // p < entries (the weights in column order are values[sources]); entries
+  // with a bad index come after column_offsets[in_features].
   int64_t* column_offsets;  // [in_features + 1]
   int32_t* rows;            // [entries]
-  scalar_t* column_values;  // [entries]
+  int32_t* sources;         // [entries]
   int* bad_index_flag;
 };
 
 // entries = out_features * fan_in must be < 2^31 (positions are int32).
 cudaError_t column_layout_sort_bytes(int64_t entries, int64_t in_features, size_t* bytes);
 
-template <typename scalar_t, typename index_t>
-cudaError_t build_column_layout(const ColumnLayoutProblem<scalar_t, index_t>& p, cudaStream_t stream);
+template <typename index_t>
+cudaError_t build_column_layout(const ColumnLayoutProblem<index_t>& p, cudaStream_t stream);
 
 // Fast path for small batches when determinism is not required: one atomic
 // add per (entry, batch row) into a zeroed accumulator grad_x_acc [batch, in_features].
