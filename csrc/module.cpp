@@ -77,6 +77,16 @@ PYBIND11_MODULE(_C, m) {
     for (const auto& [name, value] : condensed_ops::kernel_options()) options[py::str(name)] = value;
     return options;
   });
+  m.def("_last_cpu_kernel", &condensed_ops::cpu::last_kernel_run,
+        "The kernel this thread's last CPU op ran, as '<isa> <kernel>' (for tests).");
+  m.def("_kernel_runs", [] {
+    namespace cpu = condensed_ops::cpu;
+    py::dict runs;
+    for (const cpu::Isa isa : {cpu::Isa::Portable, cpu::Isa::Avx2, cpu::Isa::Avx512}) {
+      runs[py::str(cpu::isa_name(isa))] = cpu::kernel_runs(isa);
+    }
+    return runs;
+  }, "CPU ops each kernel flavour ran in this process (for the test summary).");
   m.def("_threads_used_by_parallel_for", &condensed_ops::cpu::threads_used_by_parallel_for, py::arg("items"));
   m.def("_cache_entries", [] {
     py::dict counts;

@@ -3,6 +3,8 @@ kernel path, threads, opcheck, TorchScript and torch.compile."""
 
 import importlib.metadata
 import os
+import pathlib
+import platform
 import re
 import subprocess
 import sys
@@ -216,33 +218,56 @@ def test_random_shapes_match_reference(data):
 # ---- kernel choice -----------------------------------------------------------------
 
 
+def kernel_that_ran(args, **options):
+    """The result and the kernel ("<isa> <kernel>") condensed_linear ran, under kernel options."""
+    with condensed_ops.kernel_options(**options):
+        y = condensed_ops.condensed_linear(*args)
+        return y, condensed_ops._C._last_cpu_kernel()
+
+
 @pytest.mark.parametrize("batch", sorted({1, SMALL_BATCH_MAX, SMALL_BATCH_MAX + 1, 5, 40}))
 def test_auto_picks_the_small_batch_kernel_then_tiled(batch):
     caps = condensed_ops._C.cpu_capabilities()
-    isa = WIDEST_ISA
+    assert caps["active_isa"] == WIDEST_ISA
     strategy = caps["small_batch_kernel"] if batch <= SMALL_BATCH_MAX else "tiled"
     sample = make_sample(SampleSpec("auto", (batch,), 64, 16, 37))
-    auto = condensed_ops.condensed_linear(*sample.args)
-    assert caps["active_isa"] == isa
-    with cpu_kernel(isa, strategy):
-        forced = condensed_ops.condensed_linear(*sample.args)
-    assert torch.equal(auto, forced), f"auto did not run {isa}/{strategy} at batch {batch}"
+    auto, auto_kernel = kernel_that_ran(sample.args)
+    forced, forced_kernel = kernel_that_ran(sample.args, cpu_isa=WIDEST_ISA, cpu_strategy=strategy)
+    assert auto_kernel == forced_kernel and auto_kernel.endswith(" " + strategy), (batch, auto_kernel, forced_kernel)
+    # Gather and scalar have AVX2 flavours only.
+    assert auto_kernel.startswith(WIDEST_ISA if strategy == "tiled" or WIDEST_ISA == "portable" else "avx2"), auto_kernel
+    assert torch.equal(auto, forced)
 
 
-def test_small_batch_choice_is_calibrated_and_reported():
+def test_each_forced_path_runs_its_kernel():
+    sample = make_sample(SampleSpec("forced", (3,), 64, 16, 37))
+    for isa, strategy in KERNEL_PATHS:
+        if "auto" in (isa, strategy):
+            continue
+        _, kernel = kernel_that_ran(sample.args, cpu_isa=isa, cpu_strategy=strategy)
+        flavour = "avx2" if isa == "avx512" and strategy != "tiled" else isa
+        assert kernel == f"{flavour} {strategy}", (isa, strategy, kernel)
+    _, kernel = kernel_that_ran((sample.args[0].double(), sample.args[1].double(), sample.args[2], None), cpu_strategy="tiled")
+    assert kernel == "portable tiled", kernel  # float64 has portable kernels only
+
+
+def test_small_batch_choice_is_calibrated_reported_and_used():
     caps = condensed_ops._C.cpu_capabilities()
+    sample = make_sample(SampleSpec("calibrated", (1,), 64, 16, 37))
+    _, kernel = kernel_that_ran(sample.args)
     if WIDEST_ISA == "portable":
-        assert caps["small_batch_kernel"] == "scalar"
+        assert caps["small_batch_kernel"] == "scalar" and kernel == "portable scalar"
         return
-    assert caps["small_batch_kernel"] in ("gather", "scalar")
-    times = dict(re.findall(r"(gather|scalar) ([0-9.]+) us", caps["small_batch_reason"]))
-    assert set(times) == {"gather", "scalar"}, caps["small_batch_reason"]
-    faster = min(times, key=lambda name: float(times[name]))
-    assert caps["small_batch_kernel"] == faster
-    with condensed_ops.kernel_options(cpu_small_batch="gather" if faster == "scalar" else "scalar"):
+    assert re.fullmatch(r"calibrated: gather [0-9.]+ us, scalar [0-9.]+ us", caps["small_batch_reason"]), caps["small_batch_reason"]
+    chosen = caps["small_batch_kernel"]
+    assert kernel == f"avx2 {chosen}", (kernel, caps)  # what one row runs is what was reported
+    other = "gather" if chosen == "scalar" else "scalar"
+    with condensed_ops.kernel_options(cpu_small_batch=other):
         forced = condensed_ops._C.cpu_capabilities()
-        assert forced["small_batch_kernel"] != faster and "forced" in forced["small_batch_reason"]
-    assert condensed_ops._C.cpu_capabilities()["small_batch_kernel"] == faster
+        _, forced_kernel = kernel_that_ran(sample.args)
+    assert forced["small_batch_kernel"] == other and "forced" in forced["small_batch_reason"]
+    assert forced_kernel == f"avx2 {other}", forced_kernel
+    assert condensed_ops._C.cpu_capabilities()["small_batch_kernel"] == chosen  # the calibration is kept
 
 
 _ENVIRONMENT_SCRIPT = """
@@ -487,20 +512,28 @@ def test_compile_inductor_module_matches_eager(dynamic, fresh_dynamo):
 # ---- build facts ---------------------------------------------------------------------------
 
 
+def _cpuinfo_flags() -> set:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def test_build_facts():
-    assert isinstance(condensed_ops.__version__, str)
     assert condensed_ops.__version__ == importlib.metadata.version("condensed_ops")
-    assert isinstance(condensed_ops._C.with_cuda, bool)
     if torch.version.cuda is None:
         assert condensed_ops._C.with_cuda is False, "a CUDA build cannot come from a CPU-only torch"
     caps = condensed_ops._C.cpu_capabilities()
-    assert isinstance(caps["avx2_compiled"], bool) and isinstance(caps["avx2_supported"], bool)
-    assert caps["avx2_compiled"] or not caps["avx2_supported"]
-    assert caps.get("avx512_supported", False) is False or caps["avx2_supported"] is True
-    assert caps["active_isa"] in ("portable",) + SIMD_ISAS
-    assert isinstance(caps["small_batch_max"], int) and caps["small_batch_max"] >= 1
-    assert caps["small_batch_kernel"] in ("gather", "scalar")
-    assert caps["window_width"] in (64, 256) and caps["window_max_batch"] >= 1
+    if platform.machine() in ("x86_64", "AMD64"):
+        # What the extension detects is what the OS says this CPU has.
+        flags = _cpuinfo_flags()
+        assert caps["avx2_compiled"] and caps["avx512_compiled"], "x86-64 builds carry both SIMD flavours"
+        assert caps["avx2_supported"] == ({"avx2", "fma", "f16c"} <= flags), (caps, sorted(flags & {"avx2", "fma", "f16c"}))
+        assert caps["avx512_supported"] == ({"avx2", "fma", "f16c", "avx512f"} <= flags), caps
+    widest = "avx512" if caps["avx512_supported"] else "avx2" if caps["avx2_supported"] else "portable"
+    if "CONDENSED_OPS_CPU_ISA" not in os.environ:
+        assert caps["active_isa"] == widest
+    assert caps["window_width"] == (64 if caps["active_isa"] == "avx512" else 256)
 
 
 def test_the_extension_refuses_a_torch_release_it_was_not_built_against():

@@ -202,5 +202,34 @@ def test_to_dense_refuses_non_integer_idx(idx_dtype):
 @pytest.mark.parametrize("bad", [-1, 4, 100])
 def test_to_dense_refuses_indices_outside_in_features(bad):
     idx = torch.tensor([[0, 1], [2, bad]], dtype=torch.int32)
-    with pytest.raises(IndexError, match=r"in_features=4"):
+    with pytest.raises(IndexError, match=rf"idx\[1, 1\] = {bad} is outside \[0, in_features=4\)"):
         to_dense(torch.ones(2, 2), idx, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64], ids=str)
+def test_index_storage_round_trips_without_copying(dtype):
+    from condensed_ops.layout import index_storage, index_view
+
+    idx = torch.randint(0, 30000, (7, 5)).to(dtype)
+    storage = index_storage(idx)
+    # int16 travels as bytes (distributed backends cannot broadcast int16); others as they are.
+    assert storage.dtype == (torch.uint8 if dtype == torch.int16 else dtype) and storage.dim() == (1 if dtype == torch.int16 else 2)
+    view = index_view(storage, [7, 5])
+    assert view.dtype == dtype and torch.equal(view, idx)
+    assert view.data_ptr() == storage.data_ptr()  # a view: writes through one show in the other
+    view[3, 2] = 11
+    assert int(index_view(storage, [7, 5])[3, 2]) == 11
+
+
+@pytest.mark.parametrize(
+    "bad_entries,expected",
+    [({}, None), ({(0, 0): -1}, (0, 0)), ({(2, 4): 9}, (2, 4)), ({(3, 1): 50, (1, 3): -2}, (1, 3))],
+)
+def test_first_bad_index_is_the_first_in_row_major_order(bad_entries, expected):
+    from condensed_ops.layout import first_bad_index
+
+    idx = torch.randint(0, 9, (4, 5))
+    for position, value in bad_entries.items():
+        idx[position] = value
+    assert first_bad_index(idx, 9) == expected
+    assert first_bad_index(idx[:0], 9) is None

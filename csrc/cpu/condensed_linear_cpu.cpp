@@ -38,6 +38,12 @@ namespace k = kernels;
 
 using Kernel = KernelTypes<k::Half, k::BFloat16>;
 
+#if defined(CONDENSED_OPS_WITH_AVX2)
+constexpr bool avx2_compiled = true;
+#else
+constexpr bool avx2_compiled = false;
+#endif
+
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // t [..., features] as [rows, features] in the accumulator type with unit inner
@@ -88,6 +94,9 @@ at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, WidthSour
 // Gather or scalar over all batch rows, threads splitting the outputs.
 template <typename scalar_t, typename index_t>
 bool run_row_walk(const k::CondensedLinearProblem<scalar_t, index_t>& p, Strategy strategy, Isa isa) {
+  // Gather and scalar have AVX2 flavours only; double has the portable ones.
+  const bool simd = !std::is_same_v<scalar_t, double> && avx2_compiled && isa != Isa::Portable;
+  note_kernel_run(simd ? Isa::Avx2 : Isa::Portable, simd && strategy == Strategy::Gather ? "gather" : "scalar");
   const int64_t mean_row_length = p.entries() / std::max<int64_t>(1, p.out_features);
   return parallel_all(0, p.out_features, grain_for(mean_row_length * p.batch), [&](int64_t begin, int64_t end) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -143,8 +152,9 @@ bool run_tile(const k::GroupedProblem<scalar_t, index_t>& p, const k::BatchTile&
 
 // Either layout's problem (its batch, in_features and out_features), tiled.
 template <class Problem>
-bool run_tiled(const Problem& p, int64_t out_features, Isa isa) {
+bool run_tiled(const Problem& p, int64_t out_features, Isa isa, const char* kernel) {
   using acc = std::remove_const_t<std::remove_pointer_t<decltype(p.x)>>;
+  note_kernel_run(std::is_same_v<acc, double> ? Isa::Portable : isa, kernel);
   constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
   const std::vector<k::BatchTile> tiles = batch_tiles(p.batch);
   const int64_t n_tiles = int64_t(tiles.size());
@@ -178,7 +188,7 @@ template <typename scalar_t, typename index_t>
 bool run_rows(const k::CondensedLinearProblem<scalar_t, index_t>& p) {
   const Isa isa = active_isa();
   const Strategy strategy = row_strategy(p.batch, isa);
-  return strategy == Strategy::Tiled ? run_tiled(p, p.out_features, isa) : run_row_walk(p, strategy, isa);
+  return strategy == Strategy::Tiled ? run_tiled(p, p.out_features, isa, "tiled") : run_row_walk(p, strategy, isa);
 }
 
 // ---- W's column layout, cached per idx version -------------------------------------
@@ -335,7 +345,7 @@ at::Tensor condensed_linear_grouped_cpu(const at::Tensor& x, const at::Tensor& v
           bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr,
           Kernel::ptr<scalar_t>(y),
           batch, in_features, values.size(0), values.size(1), values.size(2)};
-      inside = run_tiled(p, out_features, isa);
+      inside = run_tiled(p, out_features, isa, "grouped_tiled");
     });
   });
   if (!inside) raise_index_error(idx, in_features, WidthSource::OfX);
@@ -406,6 +416,7 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
   // Batch chunks of 256 keep a chunk of x_t (in_features KiB) in L2 across all outputs.
   constexpr int64_t kChunk = 256;
   const Isa isa = active_isa();
+  note_kernel_run(acc == at::kFloat ? isa : Isa::Portable, "grad_values");
   bool inside = true;
   AT_DISPATCH_FLOATING_TYPES(acc, "condensed_linear_grad_values_cpu", [&] {
     with_index_type(idx_k, [&](auto index_tag) {
@@ -499,6 +510,10 @@ at::ScalarType scalar_type_of(k::ValueType t) {
 
 template <typename scalar_t>
 bool run_window(const k::WindowProblem<scalar_t>& p, Isa isa) {
+  // AVX-512 reads 64-wide windows from registers; other windows take the AVX2 kernel.
+  const bool simd = !std::is_same_v<scalar_t, double> && avx2_compiled && isa != Isa::Portable;
+  note_kernel_run(!simd ? Isa::Portable : isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow ? Isa::Avx512 : Isa::Avx2,
+                  "window");
   const int64_t mean_block_steps = p.layout.total_steps / std::max<int64_t>(1, p.layout.blocks);
   const int64_t grain = grain_for(mean_block_steps * k::kWindowLanes * p.batch);
   return parallel_all(0, p.layout.blocks, grain, [&](int64_t begin, int64_t end) {

@@ -1,6 +1,8 @@
 #include "kernel_choice.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <mutex>
@@ -110,5 +112,21 @@ Strategy row_strategy(int64_t batch, Isa isa) {
 }
 
 int64_t window_width(Isa isa) { return isa == Isa::Avx512 ? k::kPermuteWindow : k::kScalarWindow; }
+
+namespace {
+thread_local Isa last_isa = Isa::Portable;
+thread_local const char* last_kernel = "none";
+std::array<std::atomic<int64_t>, 3> runs_per_isa{};
+}  // namespace
+
+void note_kernel_run(Isa isa, const char* kernel) {
+  last_isa = isa;
+  last_kernel = kernel;
+  runs_per_isa[size_t(isa)].fetch_add(1, std::memory_order_relaxed);
+}
+
+int64_t kernel_runs(Isa isa) { return runs_per_isa[size_t(isa)].load(std::memory_order_relaxed); }
+
+std::string last_kernel_run() { return isa_name(last_isa) + " " + last_kernel; }
 
 }  // namespace condensed_ops::cpu

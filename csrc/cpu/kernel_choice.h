@@ -42,4 +42,15 @@ int64_t window_width(Isa isa);
 // row layout's tiled kernel (measured; modules switch layouts there).
 constexpr int64_t kWindowMaxBatch = 4;
 
+// The kernel the calling thread's last CPU op ran, as "<isa> <kernel>" (e.g.
+// "avx512 tiled", "avx2 window"): the flavour that really ran (double runs
+// portable; gather and scalar have no AVX-512 flavour). Tests read it because
+// results cannot tell kernels apart: scalar and tiled agree bit for bit on
+// many inputs.
+// Also counts the ops each flavour ran in this process, so a test run can say
+// which compiled flavours no test exercised.
+void note_kernel_run(Isa isa, const char* kernel);
+std::string last_kernel_run();
+int64_t kernel_runs(Isa isa);
+
 }  // namespace condensed_ops::cpu

@@ -18,16 +18,8 @@ from .attention import (
     projection_masks,
 )
 from .masks import _attention_projections as _attention_projection_names
-from .modules import (
-    CondensedConv2d,
-    CondensedLayer,
-    CondensedLinear,
-    RowPlan,
-    _explicit_padding,
-    _format_bytes,
-    conv2d_unsupported_reason,
-    plan_rows,
-)
+from .layout import RowPlan, plan_rows
+from .modules import CondensedConv2d, CondensedLayer, CondensedLinear, _explicit_padding, _format_bytes, conv2d_unsupported_reason
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ entries in every active row. Both store the weight's rows ``[out, in]`` (a conv'
   entries (:func:`~condensed_ops.masks.pad_to_constant_fan_in`); ``padded_entries``
   says how many.
 
-Every forward goes through the ops of :mod:`condensed_ops.ops`, so the modules train
-(the autograd is C++), script (also after save/load) and compile (``fullgraph=True``).
-For inference on CPU with few rows (no gradient needed, at most
-``condensed_ops._C.WINDOW_MAX_BATCH`` rows), they run from the window layout
+Every forward is one call of :func:`condensed_ops.ops.condensed_layer`, which picks
+the layout, so the modules train (the autograd is C++), script (also after
+save/load) and compile (``fullgraph=True``). For inference on CPU with few rows
+(no gradient needed, at most ``condensed_ops.ops.WINDOW_MAX_BATCH`` rows), it runs from the window layout
 (:func:`~condensed_ops.pack_for_inference`): built on first use, cached while
 ``values`` and ``idx`` are unchanged and rebuilt after any in-place change (their
 version counters, which the package also moves after every ``torch.optim`` step,
@@ -29,201 +29,18 @@ to opt out.
 """
 
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import check_index_dtype, default_index_dtype, to_condensed
+from .checkpoint import layout_problems
+from .layout import RowPlan, check_index_dtype, default_index_dtype, index_storage, index_view, plan_rows, to_condensed
 from .layout import to_dense as _condensed_to_dense
-from .masks import pad_to_constant_fan_in
-from .ops import condensed_linear
-from . import _C
+from .ops import WINDOW_MAX_BATCH, condensed_layer
 
 _IntPair = Union[int, Tuple[int, int]]
-_WINDOW_MAX_BATCH: int = int(_C.WINDOW_MAX_BATCH)
-
-
-# ---- how a weight's rows are stored --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    """How the rows ``[out, in]`` of a weight are stored condensed; computed by
-    :func:`plan_rows` before anything is built, so :func:`~condensed_ops.condense`
-    can decide whether a layer is worth converting.
-
-    Attributes:
-        kept: bool ``[out, in]``, the entries stored (the padding included).
-        padding: bool ``[out, in]``, the zero-valued entries added to even the rows out.
-        active_rows: int64 ``[active]``, the rows with at least one kept entry, ascending.
-        fan_in: entries stored per active row.
-        padded_entries: ``padding.sum()``.
-        padding_fraction: ``padded_entries`` over the stored entries: the share of
-            kernel work spent on zeros.
-        group_size: consecutive rows that share their columns (1: each row its own).
-    """
-
-    kept: Tensor
-    padding: Tensor
-    active_rows: Tensor
-    fan_in: int
-    padded_entries: int
-    padding_fraction: float
-    group_size: int = 1
-
-    @property
-    def out_features(self) -> int:
-        return self.kept.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.kept.shape[1]
-
-    @property
-    def ablated_neurons(self) -> int:
-        return self.out_features - self.active_rows.numel()
-
-    @property
-    def density(self) -> float:
-        """Stored entries over the dense weight's: what the kernel reads and computes."""
-        dense_entries = self.out_features * self.in_features
-        return self.active_rows.numel() * self.fan_in / dense_entries if dense_entries else 0.0
-
-
-def plan_rows(weight: Tensor, mask: Optional[Tensor] = None, group_size: int = 1) -> RowPlan:
-    """Plan the condensed storage of ``weight`` ``[out, in, *kernel]`` (rows are ``flatten(1)``).
-
-    The kept entries are ``mask`` (same shape as ``weight``) or, without one, the
-    nonzeros of ``weight``. Rows keeping nothing are ablated; the others are padded
-    up to the largest row count. With ``group_size`` g > 1 (it must divide ``out``),
-    each run of g consecutive rows is stored as one group over the union of its
-    rows' columns: groups keeping nothing are ablated, the others padded to the
-    largest union (zeros where a row of the group did not keep the column).
-    """
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if weight.dim() < 2:
-        raise ValueError(f"weight must have at least 2 dims [out, in, *kernel], got shape {list(weight.shape)}")
-    if mask is None:
-        kept = weight.detach().flatten(1) != 0
-    elif mask.shape != weight.shape:
-        raise ValueError(f"mask must have the weight's shape {list(weight.shape)}, got {list(mask.shape)}")
-    else:
-        kept = mask.to(device=weight.device, dtype=torch.bool).flatten(1)
-    if group_size > 1:
-        return _plan_groups(kept, group_size)
-
-    row_counts = kept.sum(dim=1)
-    active = row_counts > 0
-    active_counts = row_counts[active]
-    padding = torch.zeros_like(kept)
-    padded_entries, padding_fraction = 0, 0.0
-    if active_counts.numel() and int(active_counts.min()) != int(active_counts.max()):
-        padded, report = pad_to_constant_fan_in(kept, pad_empty_rows=False)
-        padding = padded & ~kept
-        kept = padded
-        padded_entries, padding_fraction = report.padded_entries, report.padding_fraction
-    return RowPlan(
-        kept=kept,
-        padding=padding,
-        active_rows=active.nonzero().flatten(),
-        fan_in=int(active_counts.max()) if active_counts.numel() else 0,
-        padded_entries=padded_entries,
-        padding_fraction=padding_fraction,
-    )
-
-
-def _plan_groups(kept: Tensor, group_size: int) -> RowPlan:
-    out_features, in_features = kept.shape
-    if out_features % group_size:
-        raise ValueError(f"group_size={group_size} must divide the layer's {out_features} output rows")
-    groups = kept.view(out_features // group_size, group_size, in_features).any(dim=1)
-    group_plan = plan_rows(groups)  # the groups as rows: ablation and padding
-    group_kept = group_plan.kept.repeat_interleave(group_size, dim=0)
-    padding = group_kept & ~kept
-    stored = group_plan.active_rows.numel() * group_size * group_plan.fan_in
-    padded_entries = int(padding.sum())
-    active_rows = (group_plan.active_rows[:, None] * group_size + torch.arange(group_size, device=kept.device)).flatten()
-    return RowPlan(
-        kept=group_kept,
-        padding=padding,
-        active_rows=active_rows,
-        fan_in=group_plan.fan_in,
-        padded_entries=padded_entries,
-        padding_fraction=padded_entries / stored if stored else 0.0,
-        group_size=group_size,
-    )
-
-
-def _state_problems(module: "CondensedLayer", state: Dict[str, Any], prefix: str) -> List[str]:
-    """What is wrong with a checkpoint's condensed layout for ``module``, each naming its key."""
-    values, idx, active_rows = (state.get(prefix + name) for name in ("values", "idx", "active_rows"))
-    if values is None and idx is None and active_rows is None:
-        return []  # nothing of ours here (strict loading reports the missing keys)
-    problems: List[str] = []
-
-    def problem(key: str, what: str) -> None:
-        problems.append(f"{prefix}{key}: {what}")
-
-    if values is None or idx is None:
-        problem("values" if values is None else "idx", "missing, while the checkpoint has the rest of the condensed layout")
-        return problems
-    if not isinstance(values, Tensor) or not values.is_floating_point() or values.dim() not in (2, 3):
-        problem(
-            "values",
-            f"must be a floating-point tensor [active_neurons, fan_in] (or grouped [groups, group_size, fan_in]), got {_describe(values)}",
-        )
-        return problems
-    rows, fan_in = values.shape[0] * (values.shape[1] if values.dim() == 3 else 1), values.shape[-1]
-    idx_shape = [values.shape[0], fan_in]
-    if rows > module.out_features or fan_in > module.in_features:
-        problem("values", f"has shape {list(values.shape)}; this layer has out_features={module.out_features} and in_features={module.in_features}")
-    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8):
-        problem("idx", f"must be an integer tensor, got {_describe(idx)}")
-    elif list(idx.shape) != idx_shape:
-        problem("idx", f"must have shape {idx_shape} for values of shape {list(values.shape)}, got {list(idx.shape)}")
-    elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= module.in_features):
-        bad = ((idx < 0) | (idx >= module.in_features)).nonzero()[0].tolist()
-        problem("idx", f"entry {bad} = {int(idx[bad[0], bad[1]])} is outside [0, in_features={module.in_features})")
-    if active_rows is None:
-        if rows != module.out_features:
-            problem("active_rows", f"missing: values has {rows} rows for out_features={module.out_features} (the others must be named as ablated)")
-    elif not isinstance(active_rows, Tensor) or active_rows.dtype.is_floating_point or active_rows.dtype == torch.bool or active_rows.dim() != 1:
-        problem("active_rows", f"must be a 1-D integer tensor, got {_describe(active_rows)}")
-    elif active_rows.numel() != rows:
-        problem("active_rows", f"must name one output per row of values ({rows}), got {active_rows.numel()}")
-    elif active_rows.numel() and (int(active_rows.min()) < 0 or int(active_rows.max()) >= module.out_features):
-        problem("active_rows", f"entries must lie in [0, out_features={module.out_features}), got [{int(active_rows.min())}, {int(active_rows.max())}]")
-    elif torch.unique(active_rows).numel() != active_rows.numel():
-        problem("active_rows", "entries must be distinct outputs")
-    return problems
-
-
-def _index_view(storage: Tensor, shape: List[int]) -> Tensor:
-    """The index tensor ``[active_neurons, fan_in]`` a module stores in ``storage``
-    (int16 indices as a flat run of bytes)."""
-    return storage.view(dtype=torch.int16).view(shape) if storage.dtype == torch.uint8 else storage
-
-
-def _describe(t: object) -> str:
-    return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _exporting_to_onnx() -> bool:
-    if torch.jit.is_scripting():
-        return False
-    return torch.onnx.is_in_onnx_export()
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    if torch.jit.is_scripting():
-        # TorchScript has no torch.amp autocast here (torch.is_autocast_cpu_enabled()
-        # even crashes a scripted function under autocast, torch 2.13).
-        return False
-    return torch.is_autocast_enabled(device_type)
 
 
 def _format_bytes(count: int) -> str:
@@ -310,7 +127,7 @@ class CondensedLayer(nn.Module):
         self.active_neurons = active_neurons
         self.padded_entries = 0
         self.inference_layout = True
-        self.window_max_batch = _WINDOW_MAX_BATCH
+        self.window_max_batch = WINDOW_MAX_BATCH
         self.group_size = group_size
         self.values = nn.Parameter(torch.empty(self._values_shape(active_neurons, fan_in), device=device, dtype=dtype))
         self._set_idx(torch.empty(active_neurons // group_size, fan_in, device=device, dtype=index_dtype))
@@ -354,7 +171,7 @@ class CondensedLayer(nn.Module):
         loaded tensors: ``fan_in``, the active neurons and whether some are ablated
         come from the checkpoint, so a module built with other sizes (or none
         ablated) loads it."""
-        problems = _state_problems(self, state_dict, prefix)
+        problems = layout_problems(state_dict, prefix, self.out_features, self.in_features)
         if problems:
             error_msgs.extend(problems)
             return
@@ -381,17 +198,16 @@ class CondensedLayer(nn.Module):
         destination[prefix + "idx"] = self.idx if keep_vars else self.idx.detach()
 
     def _set_idx(self, idx: Tensor) -> None:
-        """Stores idx in the buffer ``idx_storage``, int16 as its bytes: the
-        backends of DistributedDataParallel (gloo, NCCL) cannot broadcast int16,
-        while ``idx`` stays the int16 view every op reads (the same tensor on every
-        call, so the validation and layout caches keep their entries)."""
-        storage = idx.contiguous().view(-1).view(torch.uint8) if idx.dtype == torch.int16 else idx
+        """Stores idx in the buffer ``idx_storage`` (:func:`~condensed_ops.layout.index_storage`:
+        int16 as bytes, which distributed backends can broadcast), while ``idx`` stays
+        the view every op reads (the same tensor on every call)."""
+        storage = index_storage(idx)
         self.register_buffer("idx_storage", storage, persistent=False)
-        self.idx = _index_view(storage, idx.shape)
+        self.idx = index_view(storage, list(idx.shape))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
-        self.idx = _index_view(self.idx_storage, self._idx_shape())  # the buffer may be a new tensor now (.to(device))
+        self.idx = index_view(self.idx_storage, self._idx_shape())  # the buffer may be a new tensor now (.to(device))
         return self
 
     def __getstate__(self):
@@ -402,7 +218,7 @@ class CondensedLayer(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("group_size", 1)  # pickled before grouped layouts existed
-        self.idx = _index_view(self.idx_storage, self._idx_shape())
+        self.idx = index_view(self.idx_storage, self._idx_shape())
 
     @torch.no_grad()
     def _take_sizes(self, shape: torch.Size, active_rows: Optional[Tensor]) -> None:
@@ -454,48 +270,29 @@ class CondensedLayer(nn.Module):
             self.bias.requires_grad_(bias.requires_grad)
 
     def _condensed_rows(self, x: Tensor) -> Tensor:
-        """``[..., in_features]`` -> ``[..., out_features]``."""
+        """``[..., in_features]`` -> ``[..., out_features]``, through :func:`~condensed_ops.ops.condensed_layer`."""
         in_features = self.in_features
         if x.dim() == 0 or x.shape[-1] != in_features:
             raise ValueError(f"expected input [..., {in_features}], got shape {list(x.shape)}")
-        bias = self.bias
-        values = self.values
-        idx = self._index_tensor()
-        if self._uses_window_layout(x, values, bias):
-            # All outputs in order; ablated neurons are empty lanes that output their bias.
-            packed = torch.ops.condensed_ops.pack_for_inference(values, idx, in_features, self.active_rows, self.out_features)
-            return torch.ops.condensed_ops.condensed_linear_packed(x, packed, self.out_features, bias)
-        active_rows, ablated_rows, output_order = self.active_rows, self.ablated_rows, self.output_order
-        if active_rows is None or ablated_rows is None or output_order is None:
-            return condensed_linear(x, values, idx, bias)
-        # The kernel computes the active rows only; ablated neurons output their bias (or 0).
-        active_out = condensed_linear(x, values, idx, None if bias is None else bias.index_select(0, active_rows))
-        ablated_shape: List[int] = list(active_out.shape[:-1])
-        ablated_shape.append(ablated_rows.numel())
-        ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
-        # One gather along the last dim puts the neurons back in order: about twice
-        # as fast as index_copy into a [..., out_features] tensor at batch 256.
-        return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
+        return condensed_layer(
+            x,
+            self.values,
+            self._index_tensor(),
+            self.bias,
+            self.active_rows,
+            self.ablated_rows,
+            self.output_order,
+            self.out_features,
+            self.window_max_batch if self.inference_layout else 0,
+        )
 
     def _index_tensor(self) -> Tensor:
         """``idx`` for the ops. TorchScript keeps no ``idx`` attribute (torch.jit.save
-        would give the view the storage's dtype) and makes the view anew with an op
-        (it cannot spell ``view(dtype)``); the ops' caches key on the memory, so a
-        fresh view still finds them."""
+        would give the view the storage's dtype) and makes the view anew; the ops'
+        caches key on the memory, so a fresh view still finds them."""
         if torch.jit.is_scripting():
-            return torch.ops.condensed_ops.index_view(self.idx_storage, self._idx_shape())
+            return index_view(self.idx_storage, self._idx_shape())
         return self.idx
-
-    def _uses_window_layout(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
-        """CPU inference on at most window_max_batch rows (see the module docstring),
-        outside autocast (which casts the weights per region: the row layout op runs then)."""
-        if not self.inference_layout or not x.is_cpu or _exporting_to_onnx() or _autocast_enabled("cpu"):
-            return False
-        if x.dtype != values.dtype:
-            return False  # the row layout's op raises the TypeError naming x and both dtypes
-        if x.numel() > self.window_max_batch * self.in_features:
-            return False
-        return not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 
     def _dense_rows(self) -> Tensor:
         """The dense rows ``[out_features, in_features]`` (zeros for ablated neurons)."""
@@ -765,4 +562,4 @@ def conv2d_unsupported_reason(conv: nn.Conv2d) -> Optional[str]:
     return None
 
 
-__all__ = ["CondensedConv2d", "CondensedLayer", "CondensedLinear", "RowPlan", "conv2d_unsupported_reason", "plan_rows"]
+__all__ = ["CondensedConv2d", "CondensedLayer", "CondensedLinear", "conv2d_unsupported_reason"]

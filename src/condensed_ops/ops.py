@@ -1,10 +1,16 @@
-"""The Python door to the compiled ops: typed, scriptable wrappers and the fake
-(meta) kernels that let torch.compile trace them."""
+"""The Python door to the compiled ops: typed, scriptable wrappers, the one call
+path of the condensed modules (:func:`condensed_layer`), and the fake (meta)
+kernels that let torch.compile trace the ops."""
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
+
+from . import _C
+
+# Batch rows up to which the window layout beats the row layout (CPU inference).
+WINDOW_MAX_BATCH: int = int(_C.WINDOW_MAX_BATCH)
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -40,6 +46,70 @@ def condensed_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tens
     if values.dim() == 3:
         return torch.ops.condensed_ops.condensed_linear_grouped(x, values, idx, bias)
     return torch.ops.condensed_ops.condensed_linear(x, values, idx, bias)
+
+
+def condensed_layer(
+    x: Tensor,
+    values: Tensor,
+    idx: Tensor,
+    bias: Optional[Tensor],
+    active_rows: Optional[Tensor],
+    ablated_rows: Optional[Tensor],
+    output_order: Optional[Tensor],
+    out_features: int,
+    window_max_batch: int = WINDOW_MAX_BATCH,
+) -> Tensor:
+    """A stored layer's forward: the one call path of
+    :class:`~condensed_ops.CondensedLinear` and :class:`~condensed_ops.CondensedConv2d`.
+    It decides how this call runs, then runs it:
+
+    - CPU inference on at most ``window_max_batch`` batch rows (no gradient
+      needed, outside autocast and ONNX export, ``x`` in the values' dtype): the
+      window layout (:func:`pack_for_inference`, cached per version of
+      ``values`` / ``idx``), which computes all ``out_features`` outputs in order;
+      ablated neurons are empty lanes that output their bias.
+    - Otherwise :func:`condensed_linear` over the stored (active) rows, and the
+      ablated neurons' outputs (their bias, or 0) put in place by one gather.
+
+    ``active_rows`` (the output of each stored row), ``ablated_rows`` and
+    ``output_order`` (where each output sits in ``[active outputs, ablated ones]``)
+    are all None when no neuron is ablated. ``window_max_batch`` 0 turns the window
+    layout off.
+    """
+    if _runs_window_layout(x, values, bias, window_max_batch):
+        packed = torch.ops.condensed_ops.pack_for_inference(values, idx, x.shape[-1], active_rows, out_features)
+        return torch.ops.condensed_ops.condensed_linear_packed(x, packed, out_features, bias)
+    if active_rows is None or ablated_rows is None or output_order is None:
+        return condensed_linear(x, values, idx, bias)
+    active_out = condensed_linear(x, values, idx, None if bias is None else bias.index_select(0, active_rows))
+    ablated_shape: List[int] = list(active_out.shape[:-1])
+    ablated_shape.append(ablated_rows.numel())
+    ablated_out = active_out.new_zeros(ablated_shape) if bias is None else bias.index_select(0, ablated_rows).expand(ablated_shape)
+    # One gather along the last dim puts the neurons back in order: about twice
+    # as fast as index_copy into a [..., out_features] tensor at batch 256.
+    return torch.cat([active_out, ablated_out], dim=-1).index_select(-1, output_order)
+
+
+def _runs_window_layout(x: Tensor, values: Tensor, bias: Optional[Tensor], window_max_batch: int) -> bool:
+    if window_max_batch <= 0 or not x.is_cpu or x.dtype != values.dtype:
+        return False  # (a dtype mismatch: the row layout's op raises the TypeError naming x and both dtypes)
+    if x.numel() > window_max_batch * x.shape[-1] or _exporting_to_onnx() or _autocast_enabled("cpu"):
+        return False  # autocast casts the weights per region: the row layout's op runs then
+    return not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _exporting_to_onnx() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    return torch.onnx.is_in_onnx_export()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    if torch.jit.is_scripting():
+        # TorchScript has no torch.amp autocast here (torch.is_autocast_cpu_enabled()
+        # even crashes a scripted function under autocast, torch 2.13).
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 # How torch.onnx.export writes condensed_linear (see onnx_export_as).
