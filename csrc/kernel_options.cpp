@@ -27,6 +27,11 @@ const std::array<Spec, size_t(KernelOption::kCount)>& specs() {
   return table;
 }
 
+// The typed choices (kernel_options.h) follow the table's names.
+static_assert(int(CpuIsaChoice::Avx512) == 3 && int(CpuStrategyChoice::Tiled) == 3 &&
+              int(CpuSmallBatchChoice::Scalar) == 2 && int(CudaXChoice::Global) == 2 &&
+              int(CudaGradInputChoice::Columns) == 2);
+
 // Each option's choice index; -1 until first read.
 struct Current {
   std::atomic<int> values[size_t(KernelOption::kCount)];
@@ -66,7 +71,7 @@ int choice_index(KernelOption option, const std::string& value, const std::strin
 
 }  // namespace
 
-int kernel_option(KernelOption option) {
+int kernel_option_index(KernelOption option) {
   std::atomic<int>& slot = current(size_t(option));
   int value = slot.load(std::memory_order_relaxed);
   if (value >= 0) return value;
@@ -80,7 +85,7 @@ int kernel_option(KernelOption option) {
 }
 
 std::string kernel_option_value(KernelOption option) {
-  return specs()[size_t(option)].choices[size_t(kernel_option(option))];
+  return specs()[size_t(option)].choices[size_t(kernel_option_index(option))];
 }
 
 void set_kernel_option(const std::string& name, const std::string& value) {

@@ -13,18 +13,40 @@
 namespace condensed_ops {
 
 enum class KernelOption : int {
-  CpuIsa,         // auto | portable | avx2 | avx512: the widest the CPU runs
-  CpuStrategy,    // auto | gather | scalar | tiled: the row layout's kernel at every batch size
-  CpuSmallBatch,  // auto | gather | scalar: the small-batch kernel (auto: calibrated)
-  CudaX,          // auto | shared | global: where the CUDA kernels read x from
-  CudaGradInput,  // auto | scatter | columns: CUDA grad_x by atomics, or over W's column layout
+  CpuIsa,         // the instruction set (auto: the widest the CPU runs)
+  CpuStrategy,    // the row layout's kernel at every batch size
+  CpuSmallBatch,  // the small-batch kernel (auto: calibrated)
+  CudaX,          // where the CUDA kernels read x from
+  CudaGradInput,  // CUDA grad_x by atomics, or over W's column layout
   kCount,
 };
 
+// Each option's choices, in the order of its names in kernel_options.cpp's
+// one table (checked there by count).
+enum class CpuIsaChoice { Auto, Portable, Avx2, Avx512 };
+enum class CpuStrategyChoice { Auto, Gather, Scalar, Tiled };
+enum class CpuSmallBatchChoice { Auto, Gather, Scalar };
+enum class CudaXChoice { Auto, Shared, Global };
+enum class CudaGradInputChoice { Auto, Scatter, Columns };
+
+template <KernelOption option> struct ChoiceOf;
+template <> struct ChoiceOf<KernelOption::CpuIsa> { using type = CpuIsaChoice; };
+template <> struct ChoiceOf<KernelOption::CpuStrategy> { using type = CpuStrategyChoice; };
+template <> struct ChoiceOf<KernelOption::CpuSmallBatch> { using type = CpuSmallBatchChoice; };
+template <> struct ChoiceOf<KernelOption::CudaX> { using type = CudaXChoice; };
+template <> struct ChoiceOf<KernelOption::CudaGradInput> { using type = CudaGradInputChoice; };
+
 // The index of the option's current value among its choices (0 = "auto").
 // Throws std::invalid_argument if its environment variable holds no choice.
-int kernel_option(KernelOption option);
+int kernel_option_index(KernelOption option);
 std::string kernel_option_value(KernelOption option);
+
+// The option's current choice, typed:
+//   switch (kernel_option<KernelOption::CudaX>()) { case CudaXChoice::Shared: ... }
+template <KernelOption option>
+typename ChoiceOf<option>::type kernel_option() {
+  return typename ChoiceOf<option>::type(kernel_option_index(option));
+}
 
 // Throws std::invalid_argument naming the option and its choices, or saying
 // that this CPU or build cannot run the value.

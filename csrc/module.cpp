@@ -47,6 +47,8 @@ py::dict cpu_capabilities() {
   facts["small_batch_max"] = cpu::kSmallBatchMax;
   facts["small_batch_kernel"] = cpu::strategy_name(small_batch.strategy);
   facts["small_batch_reason"] = small_batch.reason;
+  // What another process must set to run the same small-batch kernel (same result bits).
+  facts["small_batch_pin"] = "CONDENSED_OPS_CPU_SMALL_BATCH=" + cpu::strategy_name(small_batch.strategy);
   facts["window_width"] = cpu::window_width(isa);
   facts["window_max_batch"] = cpu::kWindowMaxBatch;
   py::dict options;

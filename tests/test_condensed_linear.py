@@ -260,6 +260,7 @@ def test_small_batch_choice_is_calibrated_reported_and_used():
         return
     assert re.fullmatch(r"calibrated: gather [0-9.]+ us, scalar [0-9.]+ us", caps["small_batch_reason"]), caps["small_batch_reason"]
     chosen = caps["small_batch_kernel"]
+    assert caps["small_batch_pin"] == f"CONDENSED_OPS_CPU_SMALL_BATCH={chosen}"
     assert kernel == f"avx2 {chosen}", (kernel, caps)  # what one row runs is what was reported
     other = "gather" if chosen == "scalar" else "scalar"
     with condensed_ops.kernel_options(cpu_small_batch=other):

@@ -61,11 +61,11 @@ SmallBatchChoice calibrate() {
 }  // namespace
 
 Isa active_isa() {
-  switch (kernel_option(KernelOption::CpuIsa)) {
-    case 1: return Isa::Portable;
-    case 2: return Isa::Avx2;
-    case 3: return Isa::Avx512;
-    default:
+  switch (kernel_option<KernelOption::CpuIsa>()) {
+    case CpuIsaChoice::Portable: return Isa::Portable;
+    case CpuIsaChoice::Avx2: return Isa::Avx2;
+    case CpuIsaChoice::Avx512: return Isa::Avx512;
+    case CpuIsaChoice::Auto:
       return k::avx512::cpu_supports() ? Isa::Avx512 : k::avx2::cpu_supports() ? Isa::Avx2 : Isa::Portable;
   }
 }
@@ -88,10 +88,10 @@ std::string strategy_name(Strategy strategy) {
 
 SmallBatchChoice small_batch_choice(Isa isa) {
   if (isa == Isa::Portable) return SmallBatchChoice{Strategy::Scalar, "the portable flavour has no gather"};
-  switch (kernel_option(KernelOption::CpuSmallBatch)) {
-    case 1: return SmallBatchChoice{Strategy::Gather, "forced by kernel option cpu_small_batch"};
-    case 2: return SmallBatchChoice{Strategy::Scalar, "forced by kernel option cpu_small_batch"};
-    default: break;
+  switch (kernel_option<KernelOption::CpuSmallBatch>()) {
+    case CpuSmallBatchChoice::Gather: return SmallBatchChoice{Strategy::Gather, "forced by kernel option cpu_small_batch"};
+    case CpuSmallBatchChoice::Scalar: return SmallBatchChoice{Strategy::Scalar, "forced by kernel option cpu_small_batch"};
+    case CpuSmallBatchChoice::Auto: break;
   }
 #if defined(CONDENSED_OPS_WITH_AVX2)
   static const SmallBatchChoice calibrated = calibrate();
@@ -102,11 +102,11 @@ SmallBatchChoice small_batch_choice(Isa isa) {
 }
 
 Strategy row_strategy(int64_t batch, Isa isa) {
-  switch (kernel_option(KernelOption::CpuStrategy)) {
-    case 1: return isa == Isa::Portable ? Strategy::Scalar : Strategy::Gather;
-    case 2: return Strategy::Scalar;
-    case 3: return Strategy::Tiled;
-    default: break;
+  switch (kernel_option<KernelOption::CpuStrategy>()) {
+    case CpuStrategyChoice::Gather: return isa == Isa::Portable ? Strategy::Scalar : Strategy::Gather;
+    case CpuStrategyChoice::Scalar: return Strategy::Scalar;
+    case CpuStrategyChoice::Tiled: return Strategy::Tiled;
+    case CpuStrategyChoice::Auto: break;
   }
   return batch <= kSmallBatchMax ? small_batch_choice(isa).strategy : Strategy::Tiled;
 }

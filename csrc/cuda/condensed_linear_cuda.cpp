@@ -21,7 +21,7 @@
 #include "../glue_common.h"
 #include "../grouped.h"
 #include "../kernel_options.h"
-#include "../kernels/cuda/condensed_linear_cuda.h"
+#include "../kernels/cuda/cuda_kernels.h"
 #include "../op_checks.h"
 #include "../tensor_cache.h"
 #include "index_guard.h"
@@ -56,11 +56,12 @@ const k::DeviceLimits& device_limits(c10::DeviceIndex device) {
 
 // Where the kernels read x from: kernel option cuda_x (kernel_options.h).
 k::XAccess x_access() {
-  switch (kernel_option(KernelOption::CudaX)) {
-    case 1: return k::XAccess::Shared;
-    case 2: return k::XAccess::Global;
-    default: return k::XAccess::Auto;
+  switch (kernel_option<KernelOption::CudaX>()) {
+    case CudaXChoice::Shared: return k::XAccess::Shared;
+    case CudaXChoice::Global: return k::XAccess::Global;
+    case CudaXChoice::Auto: break;
   }
+  return k::XAccess::Auto;
 }
 
 // Packed loads need 16-byte aligned bases; a view with an odd storage offset
@@ -234,9 +235,10 @@ at::Tensor condensed_linear_grad_input_cuda(const at::Tensor& grad_y, const at::
   const at::Tensor values_c = aligned_contiguous(values);
   const at::Tensor grad_y_2d = as_rows(grad_y, batch, values.size(0));
 
-  const int path = kernel_option(KernelOption::CudaGradInput);  // auto | scatter | columns
+  const CudaGradInputChoice path = kernel_option<KernelOption::CudaGradInput>();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const bool scatter = path == 1 || (path == 0 && !deterministic && batch <= kScatterMaxBatch);
+  const bool scatter = path == CudaGradInputChoice::Scatter ||
+                       (path == CudaGradInputChoice::Auto && !deterministic && batch <= kScatterMaxBatch);
   if (scatter) at::globalContext().alertNotDeterministic("condensed_linear_grad_input (kernel option cuda_grad_input=scatter)");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_grad_input_cuda", [&] {
     with_index_type(idx_k, [&](auto index_tag) {

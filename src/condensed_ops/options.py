@@ -10,7 +10,7 @@ The options and their choices (the first, ``"auto"``, lets the package decide):
   kernel at every batch size);
 - ``cpu_small_batch``: ``auto``, ``gather``, ``scalar`` (the one-row kernel; ``auto``
   is a 2 ms calibration on first use, so pin it to reproduce another process's
-  result bits exactly);
+  result bits exactly: ``cpu_capabilities()["small_batch_pin"]`` says how);
 - ``cuda_x``: ``auto``, ``shared``, ``global``; ``cuda_grad_input``: ``auto``,
   ``scatter``, ``columns``.
 

@@ -19,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 #include "device_helpers.cuh"  // kVector, kMaxBatchTile
 
 namespace k = condensed_ops::kernels::cuda;

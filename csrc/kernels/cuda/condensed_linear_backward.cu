@@ -5,7 +5,7 @@
 
 #include <cub/device/device_radix_sort.cuh>
 
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 #include "device_helpers.cuh"
 #include "launch.cuh"
 

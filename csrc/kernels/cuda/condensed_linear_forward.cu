@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 #include "device_helpers.cuh"
 #include "launch.cuh"
 

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 
 namespace condensed_ops::kernels::cuda {
 

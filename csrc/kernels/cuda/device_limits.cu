@@ -1,5 +1,5 @@
 // What the planners need to know about a device, asked once per device by the glue.
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 
 namespace condensed_ops::kernels::cuda {
 

@@ -24,7 +24,7 @@
 // groups.
 #include <algorithm>
 
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 #include "device_helpers.cuh"
 #include "launch.cuh"
 

@@ -14,7 +14,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "condensed_linear_cuda.h"
+#include "cuda_kernels.h"
 #include "device_helpers.cuh"
 
 namespace condensed_ops::kernels::cuda {
