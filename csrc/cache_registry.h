@@ -33,6 +33,12 @@ class CacheRegistry {
     for (const Member& m : members_) m.clear();
   }
 
+  // Set once by the CUDA glue: whether the current CUDA stream is capturing a
+  // graph. A value computed while capturing is written only when the graph
+  // replays, so no cache may keep one.
+  void set_cuda_capture_check(bool (*check)()) { cuda_capturing_ = check; }
+  bool cuda_capturing() const { return cuda_capturing_ != nullptr && cuda_capturing_(); }
+
  private:
   struct Member {
     std::string name;
@@ -41,6 +47,7 @@ class CacheRegistry {
   };
   std::mutex mutex_;
   std::vector<Member> members_;
+  bool (*cuda_capturing_)() = nullptr;
 };
 
 }  // namespace condensed_ops

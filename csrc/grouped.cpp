@@ -14,11 +14,4 @@ at::Tensor expanded_group_indices(const at::Tensor& idx, int64_t group_size) {
   return expanded;
 }
 
-at::Tensor condensed_linear_grouped_by_rows(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
-                                            const std::optional<at::Tensor>& bias) {
-  const int64_t group_size = values.size(1);
-  return forward_op<false>().call(x, values.reshape({values.size(0) * group_size, values.size(2)}),
-                      expanded_group_indices(idx, group_size), bias);
-}
-
 }  // namespace condensed_ops

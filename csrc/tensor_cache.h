@@ -64,8 +64,10 @@ class TensorCache {
     return it->second.value;
   }
 
+  // Not while the current CUDA stream captures a graph (cache_registry.h).
   void insert(const Sources& sources, const Key& key, Value value) {
     if (!cacheable(sources)) return;
+    if (sources[0]->is_cuda() && CacheRegistry::instance().cuda_capturing()) return;
     Entry entry{{}, key, std::move(value), 0};
     for (size_t i = 0; i < kSources; ++i) entry.sources[i] = Source::of(*sources[i]);
     std::lock_guard<std::mutex> lock(mutex_);

@@ -61,6 +61,12 @@ _SLOW_TESTS = {
 }
 
 
+# Without a CUDA device the CUDA tests are not collected at all (thousands of
+# parametrized items would only skip); the summary says so.
+_CUDA_FILES = ["test_cuda.py"]
+collect_ignore = [] if torch.cuda.is_available() else list(_CUDA_FILES)
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--quick", action="store_true",
@@ -108,6 +114,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     counts the ops each flavour ran), and why."""
     if config.option.collectonly:
         return
+    if collect_ignore:
+        terminalreporter.write_line(f"condensed_ops: no CUDA device, so {', '.join(collect_ignore)} was not collected", yellow=True)
     runs = condensed_ops._C._kernel_runs()
     for isa in SIMD_ISAS:
         if not _CAPABILITIES.get(f"{isa}_compiled", False) or runs.get(isa, 0) > 0:

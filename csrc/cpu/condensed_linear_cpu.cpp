@@ -282,14 +282,13 @@ at::Tensor build_window_layout(const scalar_t* values, const index_t* idx, const
 
 // ---- the ops -----------------------------------------------------------------------
 
-at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
-                                const std::optional<at::Tensor>& bias) {
-  check_condensed_linear_inputs(x, values, idx, bias);
+// The row layout's forward: values [rows, fan_in] over the validated kernel
+// indices idx_k; `idx` is the op's argument, which an error names.
+at::Tensor row_layout_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx_k,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& idx) {
   const int64_t in_features = x.size(-1);
   const int64_t out_features = values.size(0);
-  at::Tensor y = at::empty(condensed_linear_output_shape(x, values), x.options());
-  // Before the early return: bad idx fails on every call, even with nothing to compute.
-  const at::Tensor idx_k = prepare_indices(idx, in_features);
+  at::Tensor y = at::empty(condensed_linear_output_shape(x, out_features), x.options());
   if (y.numel() == 0) return y;
   const int64_t batch = y.numel() / out_features;
   const at::Tensor values_c = values.contiguous();
@@ -314,6 +313,14 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   return y;
 }
 
+at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                const std::optional<at::Tensor>& bias) {
+  check_condensed_linear_inputs(x, values, idx, bias);
+  // Validated even with nothing to compute: bad idx fails on every call.
+  const at::Tensor idx_k = prepare_indices(idx, x.size(-1));
+  return row_layout_forward(x, values, idx_k, bias, idx);
+}
+
 // The grouped layout's tiled kernel wherever the row layout would tile (from
 // two batch rows); fewer rows gain nothing from sharing a column load, so
 // they run the row layout's kernels on the expanded indices (grouped.h).
@@ -321,13 +328,16 @@ at::Tensor condensed_linear_grouped_cpu(const at::Tensor& x, const at::Tensor& v
                                         const std::optional<at::Tensor>& bias) {
   check_condensed_linear_grouped_inputs(x, values, idx, bias);
   const int64_t in_features = x.size(-1);
-  const int64_t out_features = values.size(0) * values.size(1);
-  // Validated here, so that an error names the grouped entry idx[group, j].
+  const int64_t groups = values.size(0), group_size = values.size(1), fan_in = values.size(2);
+  const int64_t out_features = groups * group_size;
+  // Validated here, once, so that an error names the grouped entry idx[group, j].
   const at::Tensor idx_k = prepare_indices(idx, in_features);
   const int64_t batch = in_features > 0 ? x.numel() / in_features : 0;
   const Isa isa = active_isa();
   if (out_features == 0 || batch == 0 || row_strategy(batch, isa) != Strategy::Tiled) {
-    return condensed_linear_grouped_by_rows(x, values, idx, bias);
+    // The expansion of a validated idx (cached per idx version): not validated again.
+    const at::Tensor rows_k = narrow_indices(expanded_group_indices(idx, group_size), in_features);
+    return row_layout_forward(x, values.reshape({out_features, fan_in}), rows_k, bias, idx);
   }
   at::Tensor y = at::empty(condensed_linear_output_shape(x, out_features), x.options());
   const at::Tensor values_c = values.contiguous();
@@ -344,7 +354,7 @@ at::Tensor condensed_linear_grouped_cpu(const at::Tensor& x, const at::Tensor& v
           Kernel::ptr<scalar_t>(values_c), idx_k.data_ptr<index_t>(),
           bias_c.defined() ? Kernel::ptr<scalar_t>(bias_c) : nullptr,
           Kernel::ptr<scalar_t>(y),
-          batch, in_features, values.size(0), values.size(1), values.size(2)};
+          batch, in_features, groups, group_size, fan_in};
       inside = run_tiled(p, out_features, isa, "grouped_tiled");
     });
   });

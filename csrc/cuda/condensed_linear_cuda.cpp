@@ -87,20 +87,17 @@ at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t features) {
 
 // ---- the ops ---------------------------------------------------------------------
 
-at::Tensor condensed_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
-                                 const std::optional<at::Tensor>& bias) {
-  check_condensed_linear_inputs(x, values, idx, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const CallContext call = begin_call(x);
+// The row layout's forward: values [rows, fan_in] over idx_rows (validated,
+// or derived from a validated idx).
+at::Tensor row_layout_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx_rows,
+                              const std::optional<at::Tensor>& bias, const CallContext& call) {
   const int64_t in_features = x.size(-1);
   const int64_t out_features = values.size(0);
   const int64_t fan_in = values.size(1);
-  at::Tensor y = at::empty(condensed_linear_output_shape(x, values), x.options());
-  // Checked on every call, even with nothing to compute, like the CPU ops.
-  validate_indices(idx, in_features, WidthSource::OfX, call);
+  at::Tensor y = at::empty(condensed_linear_output_shape(x, out_features), x.options());
   if (y.numel() == 0) return y;
   const int64_t batch = y.numel() / out_features;
-  const at::Tensor idx_c = kernel_indices(idx, in_features);
+  const at::Tensor idx_c = kernel_indices(idx_rows, in_features);
   const at::Tensor values_c = aligned_contiguous(values);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor x_2d = as_rows(x, batch, in_features);
@@ -123,6 +120,16 @@ at::Tensor condensed_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
     });
   });
   return y;
+}
+
+at::Tensor condensed_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                 const std::optional<at::Tensor>& bias) {
+  check_condensed_linear_inputs(x, values, idx, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CallContext call = begin_call(x);
+  // Checked on every call, even with nothing to compute, like the CPU ops.
+  validate_indices(idx, x.size(-1), WidthSource::OfX, call);
+  return row_layout_forward(x, values, idx, bias, call);
 }
 
 // grad_x by atomics: fast at small batch, summation order not fixed.
@@ -191,8 +198,7 @@ ColumnLayout column_layout(const at::Tensor& idx, const at::Tensor& idx_k, int64
   t.bad_index_flag = call.flag;
   C10_CUDA_CHECK(k::build_column_layout(t, call.stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // A layout built while capturing is written only when the graph replays.
-  if (!call.capturing) column_layouts().insert({&idx}, in_features, layout);
+  column_layouts().insert({&idx}, in_features, layout);  // (not while capturing: tensor_cache.h)
   return layout;
 }
 
@@ -314,7 +320,11 @@ at::Tensor condensed_linear_grouped_cuda(const at::Tensor& x, const at::Tensor& 
   const bool kernel = half_precision && (values.scalar_type() == at::kHalf
                                              ? k::grouped_forward_supported<__half>(batch, in_features, group_size, fan_in, limits)
                                              : k::grouped_forward_supported<__nv_bfloat16>(batch, in_features, group_size, fan_in, limits));
-  if (!kernel) return condensed_linear_grouped_by_rows(x, values, idx, bias);
+  if (!kernel) {
+    // The row layout over the expansion of the validated idx (grouped.h, cached per idx version).
+    return row_layout_forward(x, values.reshape({out_features, fan_in}), expanded_group_indices(idx, group_size), bias,
+                              call);
+  }
 
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = out_features;

@@ -11,6 +11,8 @@
 #include <atomic>
 #include <mutex>
 
+#include "../cache_registry.h"
+
 namespace condensed_ops::cuda {
 namespace {
 
@@ -21,6 +23,13 @@ bool is_capturing(cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   return status != cudaStreamCaptureStatusNone;
 }
+
+// Caches of CUDA tensors keep nothing computed while capturing (cache_registry.h).
+const bool capture_check_registered = [] {
+  CacheRegistry::instance().set_cuda_capture_check(
+      [] { return is_capturing(c10::cuda::getCurrentCUDAStream().stream()); });
+  return true;
+}();
 
 // ---- the bad-index flag ----------------------------------------------------------
 
