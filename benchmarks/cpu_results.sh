@@ -33,6 +33,6 @@ $bench --shapes 768x3072 4096x14336 --sparsity 0.9 --batch 1 16 256 --group 4 8 
   --json "$out/cpu_grouped.json"
 $bench --training --shapes 768x3072 3072x768 --sparsity 0.9 --batch 256 --group 8 16 --methods condensed dense \
   --json "$out/cpu_grouped_training.json"
-python -m condensed_ops.bench.report "$out/cpu_forward.json" "$out/cpu_forward_large.json" "$out/cpu_16bit.json" \
+python benchmarks/report.py "$out/cpu_forward.json" "$out/cpu_forward_large.json" "$out/cpu_16bit.json" \
   "${paths[@]}" "$out/cpu_training.json" "$out/cpu_vit.json" "$out/cpu_grouped.json" "$out/cpu_grouped_training.json" \
   --readme README.md --results-doc docs/results.md --figures docs/figures

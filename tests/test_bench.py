@@ -2,6 +2,7 @@
 refuses impossible requests, and the README's Results section is what the report
 renders from the committed JSON."""
 
+import importlib.util
 import json
 import pathlib
 import re
@@ -13,8 +14,14 @@ import torch.nn.functional as F
 import condensed_ops
 from condensed_ops.bench import methods as bench_methods
 from condensed_ops.bench.__main__ import main
-from condensed_ops.bench.report import BEGIN, END, SUMMARY_BEGIN, SUMMARY_END, render_markdown, render_summary, update_readme
 from condensed_ops.bench.timing import time_interleaved
+
+# The README / results-doc renderer is repository tooling (benchmarks/report.py), not the package.
+_spec = importlib.util.spec_from_file_location("report", pathlib.Path(__file__).parents[1] / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+BEGIN, END, SUMMARY_BEGIN, SUMMARY_END = report.BEGIN, report.END, report.SUMMARY_BEGIN, report.SUMMARY_END
+render_markdown, render_summary, update_readme = report.render_markdown, report.render_summary, report.update_readme
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

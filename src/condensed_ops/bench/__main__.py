@@ -11,7 +11,7 @@ a fresh random order) and reports medians; on CUDA both eager per-call time and
 CUDA-graph replay time (derived figures use the latter). Each row also has the
 bytes its format moves, GB/s, GFLOP/s and the fraction of the machine's roofline
 (a large copy and a dense matmul, measured in the same run).
-Render README tables from the JSON with ``python -m condensed_ops.bench.report``.
+The README and docs/results.md tables are rendered from the JSON by the repository's ``benchmarks/report.py``.
 """
 
 import argparse
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .methods import METHOD_DESCRIPTIONS
-from .report import cell_header, format_cell
+from .cells import cell_header, format_cell
 from .sweep import SweepConfig, run_sweep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -1,8 +1,8 @@
-"""Markdown from benchmark JSON: the sweep's live table lines, the README's short
-"when it pays" summary, and the full results (tables + figures), rendered from
-one or more result files.
+"""Repository tooling, not part of the package: the README's short "when it pays"
+summary and the full results document (tables + figures), rendered from one or
+more result files of ``python -m condensed_ops.bench --json``.
 
-    python -m condensed_ops.bench.report a.json [b.json ...] --readme README.md --results docs/results.md --figures docs/figures
+    python benchmarks/report.py a.json [b.json ...] --readme README.md --results-doc docs/results.md --figures docs/figures
 
 replaces what sits between ``<!-- bench-summary:begin -->`` and ``<!-- bench-summary:end -->``
 in the README, and between ``<!-- bench-results:begin -->`` and ``<!-- bench-results:end -->``
@@ -15,66 +15,13 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from .methods import group_size_of
-from .timing import speedup
+from condensed_ops.bench.cells import Row, context_columns, methods_by_name, ratio_text, time_text
+from condensed_ops.bench.methods import group_size_of
+from condensed_ops.bench.timing import speedup
 
-Row = Dict[str, object]
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 SUMMARY_BEGIN, SUMMARY_END = "<!-- bench-summary:begin -->", "<!-- bench-summary:end -->"
 _RATIO_METHODS = ("dense", "csr", "gather")
-
-
-def _us(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "–"
-    return f"{seconds * 1e6:.1f}" if seconds < 1e-2 else f"{seconds * 1e6:.0f}"
-
-
-def _time_cell(row: Row) -> str:
-    if row.get("unavailable"):
-        return "n/a"
-    if row["device"] == "cuda":  # graph replay (the device's time) / eager per call
-        return f"{_us(row.get('graph_seconds'))} / {_us(row['seconds'])}"
-    return _us(row["seconds"])
-
-
-def _ratio(value: Optional[float]) -> str:
-    return "–" if value is None else f"{value:.2f}×"
-
-
-def _shape(row: Row) -> str:
-    return f"{row['in_features']}→{row['out_features']}"
-
-
-def _by_method(rows: Iterable[Row]) -> Dict[str, Row]:
-    return {str(row["method"]): row for row in rows}
-
-
-def _context(row: Row) -> List[str]:
-    threads = "" if row["threads"] is None else str(row["threads"])
-    return [str(row["device"]), str(row["dtype"]), threads, _shape(row), f"{row['sparsity']:.0%}", str(row["batch"])]
-
-
-def cell_header(rows: Sequence[Row]) -> str:
-    """The header of :func:`format_cell` lines for cells with these methods."""
-    unit = "µs (graph / eager)" if rows[0]["device"] == "cuda" else "µs"
-    step = " fwd+bwd" if rows[0].get("training") else ""
-    names = [f"{row['method']}{step} {unit}" for row in rows]
-    columns = ["device", "dtype", "threads", "in→out", "sparsity", "batch", *names, "vs dense", "vs CSR", "condensed GB/s", "roofline"]
-    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-
-
-def format_cell(rows: Sequence[Row]) -> str:
-    """One Markdown table line for one cell's rows (all methods)."""
-    condensed = _by_method(rows).get("condensed", {})
-    available = bool(condensed) and not condensed.get("unavailable")
-    figures = [
-        _ratio(condensed.get("speedup_vs_dense")) if available else "–",
-        _ratio(condensed.get("speedup_vs_csr")) if available else "–",
-        f"{condensed['gb_per_s']:.1f}" if available else "–",
-        f"{condensed['roofline_fraction']:.0%}" if available else "–",
-    ]
-    return "| " + " | ".join(_context(rows[0]) + [_time_cell(row) for row in rows] + figures) + " |"
 
 
 # ---- the README section ------------------------------------------------------------------
@@ -116,13 +63,13 @@ def _forced_paths_table(forced: Sequence[Dict[str, object]]) -> List[str]:
     for result in forced:
         label = ", ".join(f"{k}={v}" for k, v in _forced_options(result).items())
         for rows in _cells(result["rows"]).values():
-            by = _by_method(rows)
-            times = [_time_cell(by[m]) if m in by else "–" for m in ("condensed", "condensed_packed", "dense")]
+            by = methods_by_name(rows)
+            times = [time_text(by[m]) if m in by else "–" for m in ("condensed", "condensed_packed", "dense")]
             ratios = []
             for m in ("condensed", "condensed_packed"):
                 ok = m in by and "dense" in by and not by[m].get("unavailable") and not by["dense"].get("unavailable")
-                ratios.append(_ratio(speedup(by["dense"], by[m])) if ok else "–")
-            context = _context(rows[0])
+                ratios.append(ratio_text(speedup(by["dense"], by[m])) if ok else "–")
+            context = context_columns(rows[0])
             lines.append("| " + " | ".join([label, context[2], *context[3:]] + times + ratios) + " |")
     return lines
 
@@ -148,14 +95,14 @@ def _grouped_table(cells: Sequence[List[Row]]) -> List[str]:
     header += [f"{label} vs dense" for label in labels[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rows in cells:
-        by = _by_method(rows)
+        by = methods_by_name(rows)
         dense = by.get("dense")
-        times = [_time_cell(by[m]) if m in by else "–" for m in methods]
+        times = [time_text(by[m]) if m in by else "–" for m in methods]
         ratios = []
         for m in methods[1:]:
             good = dense is not None and not dense.get("unavailable") and m in by and not by[m].get("unavailable")
-            ratios.append(_ratio(speedup(dense, by[m])) if good else "–")
-        lines.append("| " + " | ".join(_context(rows[0]) + times + ratios) + " |")
+            ratios.append(ratio_text(speedup(dense, by[m])) if good else "–")
+        lines.append("| " + " | ".join(context_columns(rows[0]) + times + ratios) + " |")
     return lines
 
 
@@ -183,17 +130,17 @@ def _comparison_table(cells: Iterable[List[Row]]) -> List[str]:
     header += [f"vs {m}" for m in others] + ["condensed GB/s", "GFLOP/s", "roofline"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rows in cells:
-        by = _by_method(rows)
+        by = methods_by_name(rows)
         c = by.get("condensed", {})
         ok = bool(c) and not c.get("unavailable")
         ratios = []
         for m in others:
             other = by.get(m)
             good = ok and other is not None and not other.get("unavailable")
-            ratios.append(_ratio(speedup(other, c)) if good else "–")
+            ratios.append(ratio_text(speedup(other, c)) if good else "–")
         tail = [f"{c['gb_per_s']:.1f}", f"{c['gflop_per_s']:.1f}", f"{c['roofline_fraction']:.0%}"] if ok else ["–"] * 3
-        times = [_time_cell(by[m]) if m in by else "–" for m in methods]
-        lines.append("| " + " | ".join(_context(rows[0]) + times + ratios + tail) + " |")
+        times = [time_text(by[m]) if m in by else "–" for m in methods]
+        lines.append("| " + " | ".join(context_columns(rows[0]) + times + ratios + tail) + " |")
     return lines
 
 
@@ -256,7 +203,7 @@ def render_markdown(
                 out += _grouped_table(cells) + [""]
     vits = [vit for result in results for vit in result.get("vit", [])]
     if vits:
-        from .vit import format_markdown
+        from condensed_ops.bench.vit import format_markdown
 
         out += ["### End to end: ViT-B/16-sized encoder, condensed against masked dense", ""]
         out += [line for vit in vits for line in (format_markdown(vit), "")]
@@ -281,7 +228,7 @@ def _merged_methods(results: Sequence[Dict[str, object]]) -> Dict[str, str]:
 def _inference_row(rows: Sequence[Row], window_max_batch: int) -> Optional[Row]:
     """What CondensedLinear runs for this cell's batch: the window layout up to
     window_max_batch rows (where measured), the row layout above."""
-    by = _by_method(rows)
+    by = methods_by_name(rows)
     use_window = rows[0]["batch"] <= window_max_batch and "condensed_packed" in by and not by["condensed_packed"].get("unavailable")
     row = by.get("condensed_packed" if use_window else "condensed")
     return None if row is None or row.get("unavailable") else row
@@ -291,7 +238,7 @@ def _speedup_text(cells: Sequence[List[Row]], baseline: str, window_max_batch: i
     """'a / b' over the cells (one per thread count): inference path vs baseline."""
     texts = []
     for rows in cells:
-        ours, base = _inference_row(rows, window_max_batch), _by_method(rows).get(baseline)
+        ours, base = _inference_row(rows, window_max_batch), methods_by_name(rows).get(baseline)
         good = ours is not None and base is not None and not base.get("unavailable")
         texts.append(f"{speedup(base, ours):.1f}×" if good else "–")
     return " / ".join(texts)
@@ -408,7 +355,7 @@ def _grouped_summary(results: Sequence[Dict[str, object]]) -> List[str]:
         for method in ["condensed"] + [f"grouped{g}" for g in sizes]:
             ratios = []
             for cell in by_threads:
-                by = _by_method(cell)
+                by = methods_by_name(cell)
                 ok = "dense" in by and method in by and not by[method].get("unavailable")
                 ratios.append(f"{speedup(by['dense'], by[method]):.1f}×" if ok else "–")
             texts.append(" / ".join(ratios))
@@ -432,7 +379,7 @@ def update_readme(readme: str, section: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m condensed_ops.bench.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python benchmarks/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSON files written by python -m condensed_ops.bench --json")
     parser.add_argument("--readme", help="replace the README's marked summary (else print it)")
     parser.add_argument("--results-doc", help="replace the marked full results in this file (else print them)")
@@ -446,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     readme_dir = os.path.dirname(os.path.abspath(args.readme)) if args.readme else os.getcwd()
     figures: List[str] = []
     if args.figures:
-        from .plots import write_figures
+        from condensed_ops.bench.plots import write_figures
 
         plain, _ = _split_grouped(results)
         merged = dict(plain[0], rows=[row for r in plain for row in r["rows"]], rooflines=[x for r in plain for x in r["rooflines"]])
