@@ -300,14 +300,15 @@ def test_optimizer_state_is_zeroed_where_the_mask_changed(optimizer_kind):
 
 
 @pytest.mark.parametrize("drop_rule", ["layer", "neuron"])
-@pytest.mark.parametrize("gamma_sal,ablated", [(0.3, False), (0.5, True)])
+@pytest.mark.parametrize("gamma_sal,ablated", [(0.3, False), (0.5, False), (0.6, True)])
 def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(gamma_sal, ablated, drop_rule):
     # One layer, 4 neurons x 10 inputs, fan-in 5 (uniform 50%), drop fraction ~0.4:
     # the neuron rule drops 2 per neuron (8), the layer rule int(0.4 * 20) = 7, so
     # unstructured RigL keeps the layer's top 12 (13) |w| among its 20 active weights
     # and grows the top 8 (7) |grad| among its 20 inactive ones.
     # Neuron 0 has tiny weights and gradients except 2 large inactive gradients:
-    # 2 salient weights, below gamma_sal * fan_in = 2.5 but not below 1.5.
+    # 2 salient weights, below the threshold max(1, int(gamma_sal * 5)) = 3 at 0.6,
+    # not below it at 0.5 (2) or 0.3 (1).
     # Neurons 1-3 each have 4 weights above their one weight of 1.0: >= 4 salient each.
     model = nn.Sequential(nn.Linear(10, 4))
     updater = SRigL(
@@ -523,13 +524,14 @@ def test_a_group_size_dict_groups_only_the_named_layers():
     check_layer_invariants(run.updater)
 
 
-@pytest.mark.parametrize("gamma_sal,ablated", [(0.1, False), (0.3, True)])
+@pytest.mark.parametrize("gamma_sal,ablated", [(0.1, False), (0.3, False), (0.4, True)])
 def test_a_group_with_too_few_salient_weights_is_ablated_whole(gamma_sal, ablated):
     # One layer, 8 neurons x 10 inputs in groups of 2, fan-in 5 (uniform 50%), drop
     # fraction ~0.4: int(0.4 * 40) = 15 weights dropped, so unstructured RigL keeps
     # the top 25 |w| (all in rows 2-7) and grows the top 15 |grad| among 40 inactive.
     # Row 0 has 2 large inactive gradients, row 1 (same group) nothing: the group holds
-    # 2 salient weights of 2 * 5 = 10, below gamma_sal = 0.3 of them but not below 0.1.
+    # 2 salient weights, below 2 rows * max(1, int(gamma_sal * 5)) = 4 at 0.4, not
+    # below 2 at 0.3 or 0.1.
     # Rows 2-7 each hold >= 4 of their own 5 weights: >= 0.8 per group.
     model = nn.Sequential(nn.Linear(10, 8))
     updater = SRigL(
@@ -596,3 +598,27 @@ def test_state_dict_carries_the_group_size():
         assert torch.equal(resumed.masks()[name], mask)
     with pytest.raises(ValueError, match="group_size"):
         Run(group_size=2).updater.load_state_dict(copy.deepcopy(state))
+
+
+def test_the_ablation_threshold_is_fixed_by_the_initial_fan_in():
+    # 4 neurons x 20 inputs at 50%: initial fan-in 10, budget 40. Neuron 0 was ablated,
+    # so the fan-in rose to 40 // 3 = 13. Neuron 1 holds 7 salient weights: at or above
+    # max(1, int(0.6 * 10)) = 6, so it stays, though 7 is below 0.6 of the current 13
+    # (a threshold on the current fan-in would ablate it, and ablation would feed on itself).
+    model = nn.Sequential(nn.Linear(20, 4))
+    updater = SRigL(model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=0.6, density_method="uniform",
+                    ablation_exempt=(), generator=torch.Generator().manual_seed(0))
+    layer = updater.layers["0"]
+    assert layer.initial_fan_in == 10 and layer.budget == 40
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    mask[1:, :13] = True
+    layer.mask, layer.fan_in = mask, 13
+    layer.ablated_neurons = torch.tensor([True, False, False, False])
+    magnitude = torch.where(mask, 2.0, 0.0)
+    magnitude[1, 7:13] = 1e-3  # neuron 1: 7 large weights, 6 tiny
+    grad = torch.zeros(4, 20)
+    grad[2, 13:] = 1.0  # the 6 grown salient weights all go to neuron 2
+    # 6 drops: unstructured RigL keeps the top 33 |w| (neuron 1's tiny six go) and grows 6.
+    assert not updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=6).any()
+    updater.gamma_sal = 0.8  # int(0.8 * 10) = 8 > 7: now neuron 1 goes
+    assert updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=6).tolist() == [False, True, False, False]

@@ -73,6 +73,11 @@ class SparseLayer:
     group_size: int = 1
 
     @property
+    def initial_fan_in(self) -> int:
+        """The fan-in the layer started with (``budget // out``): the base of the ablation threshold."""
+        return self.budget // self.mask.shape[0]
+
+    @property
     def in_features(self) -> int:
         """Inputs per neuron: ``in_features`` or ``C_in * kh * kw``."""
         return self.mask[0].numel()
@@ -143,9 +148,11 @@ class SRigL:
         delta_t: steps between mask updates.
         alpha: initial drop fraction; step ``t`` drops the fraction
             ``alpha / 2 * (1 + cos(pi * t / t_end))`` of the weights (see ``drop_rule``).
-        gamma_sal: a neuron with fewer than ``gamma_sal * fan_in`` salient weights is
-            ablated; 0 turns ablation off. A group of ``r`` rows is ablated as one, when
-            it holds fewer than ``gamma_sal * r * fan_in`` salient weights.
+        gamma_sal: a neuron with fewer than ``max(1, int(gamma_sal * F))`` salient
+            weights is ablated, ``F`` the layer's initial fan-in (a fixed threshold, as
+            in the reference code: one taken from the current fan-in would rise as
+            neurons are ablated and feed on itself); 0 turns ablation off. A group of
+            ``r`` rows is ablated as one, when it holds fewer than ``r`` times that.
         density_method: ``"erk"`` or ``"uniform"`` (see :func:`layer_densities`).
         exclude: layer names left dense and untouched.
         ablation_exempt: layer names whose neurons are never ablated. None exempts
@@ -348,8 +355,8 @@ class SRigL:
     def _groups_to_ablate(
         self, layer: SparseLayer, mask: Tensor, magnitude: Tensor, grad_magnitude: Tensor, weight_drops: int
     ) -> Tensor:
-        """Bool ``[groups]``: live groups of ``r`` rows with fewer than ``gamma_sal * r *
-        fan_in`` salient weights.
+        """Bool ``[groups]``: live groups of ``r`` rows with fewer than ``r * max(1,
+        int(gamma_sal * initial_fan_in))`` salient weights.
 
         Salient weights are those unstructured RigL would hold after this step: the
         layer's top ``|w|`` among its active weights, less ``weight_drops``, plus as
@@ -364,14 +371,14 @@ class SRigL:
         salient = _top_overall(torch.where(mask, magnitude, minus_inf), kept) & mask
         inactive = ~mask & active_rows[:, None]
         salient |= _top_overall(torch.where(inactive, grad_magnitude, minus_inf), weight_drops) & inactive
-        salient_share = _sum_over_groups(salient.sum(dim=1), row_groups, groups) / (rows_per_group * layer.fan_in)
-        candidates = live & (salient_share < self.gamma_sal)
+        salient_per_row = _sum_over_groups(salient.sum(dim=1), row_groups, groups) / rows_per_group
+        candidates = live & (salient_per_row < max(1, int(self.gamma_sal * layer.initial_fan_in)))
 
         # Keep enough rows to hold the budget at fan-in <= in_features (and at least
-        # one); past that, the groups with the smallest salient share go first.
+        # one); past that, the groups with the fewest salient weights per row go first.
         fewest_rows = max(1, math.ceil(layer.budget / layer.in_features))
         most_rows_to_ablate = max(0, layer.active_neurons - fewest_rows)
-        order = torch.sort(torch.where(candidates, salient_share, math.inf), stable=True).indices
+        order = torch.sort(torch.where(candidates, salient_per_row, math.inf), stable=True).indices
         rows_so_far = torch.cumsum(torch.where(candidates, rows_per_group, 0)[order], dim=0)
         chosen = candidates[order] & (rows_so_far <= most_rows_to_ablate)
         return torch.zeros_like(candidates).scatter_(0, order, chosen)
