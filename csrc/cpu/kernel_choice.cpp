@@ -65,9 +65,9 @@ Isa active_isa() {
     case CpuIsaChoice::Portable: return Isa::Portable;
     case CpuIsaChoice::Avx2: return Isa::Avx2;
     case CpuIsaChoice::Avx512: return Isa::Avx512;
-    case CpuIsaChoice::Auto:
-      return k::avx512::cpu_supports() ? Isa::Avx512 : k::avx2::cpu_supports() ? Isa::Avx2 : Isa::Portable;
+    case CpuIsaChoice::Auto: break;
   }
+  return k::avx512::cpu_supports() ? Isa::Avx512 : k::avx2::cpu_supports() ? Isa::Avx2 : Isa::Portable;
 }
 
 std::string isa_name(Isa isa) {
