@@ -9,7 +9,7 @@ with 300 ablated neurons, grouped g=8 at batch 1 (its row path) and 256, and for
 backward at batch 256. The argument is the thread count.
 """
 import json, sys, time, statistics
-import torch, torch.nn.functional as F
+import torch
 import condensed_ops
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 torch.manual_seed(0)
