@@ -38,12 +38,6 @@ namespace k = kernels;
 
 using Kernel = KernelTypes<k::Half, k::BFloat16>;
 
-#if defined(CONDENSED_OPS_WITH_AVX2)
-constexpr bool avx2_compiled = true;
-#else
-constexpr bool avx2_compiled = false;
-#endif
-
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // t [..., features] as [rows, features] in the accumulator type with unit inner
@@ -95,15 +89,15 @@ at::Tensor prepare_indices(const at::Tensor& idx, int64_t in_features, WidthSour
 template <typename scalar_t, typename index_t>
 bool run_row_walk(const k::CondensedLinearProblem<scalar_t, index_t>& p, Strategy strategy, Isa isa) {
   // Gather and scalar have AVX2 flavours only; double has the portable ones.
-  const bool simd = !std::is_same_v<scalar_t, double> && avx2_compiled && isa != Isa::Portable;
-  note_kernel_run(simd ? Isa::Avx2 : Isa::Portable, simd && strategy == Strategy::Gather ? "gather" : "scalar");
+  // One decision, both reported and run.
+  const Isa flavour = std::is_same_v<scalar_t, double> || isa == Isa::Portable ? Isa::Portable : Isa::Avx2;
+  const bool gather = flavour == Isa::Avx2 && strategy == Strategy::Gather;
+  note_kernel_run(flavour, gather ? "gather" : "scalar");
   const int64_t mean_row_length = p.entries() / std::max<int64_t>(1, p.out_features);
   return parallel_all(0, p.out_features, grain_for(mean_row_length * p.batch), [&](int64_t begin, int64_t end) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
-      if (isa != Isa::Portable) {
-        return strategy == Strategy::Gather ? k::avx2::gather(p, begin, end) : k::avx2::scalar(p, begin, end);
-      }
+      if (flavour == Isa::Avx2) return gather ? k::avx2::gather(p, begin, end) : k::avx2::scalar(p, begin, end);
 #endif
     }
     return k::portable::scalar(p, begin, end);
@@ -520,19 +514,21 @@ at::ScalarType scalar_type_of(k::ValueType t) {
 
 template <typename scalar_t>
 bool run_window(const k::WindowProblem<scalar_t>& p, Isa isa) {
-  // AVX-512 reads 64-wide windows from registers; other windows take the AVX2 kernel.
-  const bool simd = !std::is_same_v<scalar_t, double> && avx2_compiled && isa != Isa::Portable;
-  note_kernel_run(!simd ? Isa::Portable : isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow ? Isa::Avx512 : Isa::Avx2,
-                  "window");
+  // AVX-512 reads 64-wide windows from registers; other windows take the AVX2
+  // kernel. One decision, both reported and run.
+  const Isa flavour = std::is_same_v<scalar_t, double> || isa == Isa::Portable ? Isa::Portable
+                      : isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow ? Isa::Avx512
+                                                                                    : Isa::Avx2;
+  note_kernel_run(flavour, "window");
   const int64_t mean_block_steps = p.layout.total_steps / std::max<int64_t>(1, p.layout.blocks);
   const int64_t grain = grain_for(mean_block_steps * k::kWindowLanes * p.batch);
   return parallel_all(0, p.layout.blocks, grain, [&](int64_t begin, int64_t end) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
 #if defined(CONDENSED_OPS_WITH_AVX512)
-      if (isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow) return k::avx512::window(p, begin, end);
+      if (flavour == Isa::Avx512) return k::avx512::window(p, begin, end);
 #endif
-      if (isa != Isa::Portable) return k::avx2::window(p, begin, end);
+      if (flavour == Isa::Avx2) return k::avx2::window(p, begin, end);
 #endif
     }
     return k::portable::window(p, begin, end);
