@@ -227,7 +227,8 @@ class CondensedLayer(nn.Module):
         self.group_size = int(shape[1]) if len(shape) == 3 else 1
         active_neurons, fan_in = int(shape[0]) * self.group_size, int(shape[-1])
         if tuple(shape) != tuple(self.values.shape):
-            self.values = nn.Parameter(self.values.new_empty(shape), requires_grad=self.values.requires_grad)
+            # Resized in place: an optimizer built before the load still holds the parameter.
+            self.values.data = self.values.new_empty(shape)
             self._set_idx(self.idx.new_zeros(int(shape[0]), fan_in))
         self.active_neurons, self.fan_in = active_neurons, fan_in
         if active_rows is None:
@@ -268,6 +269,47 @@ class CondensedLayer(nn.Module):
             self.values.requires_grad_(weight.requires_grad)
         if self.bias is not None and isinstance(bias, nn.Parameter):
             self.bias.requires_grad_(bias.requires_grad)
+
+    @torch.no_grad()
+    def relayout(self, rows: Tensor, mask: Tensor) -> Tensor:
+        """Store the dense rows ``rows [out_features, in_features]`` kept at ``mask``
+        (a constant fan-in per kept row; with ``group_size`` g > 1 runs of g rows share
+        their columns; rows with no kept entry become ablated), in place: ``values`` stays
+        the same Parameter (resized through ``.data`` when the shape changes, so an
+        optimizer keeps it), ``idx`` and ``active_rows`` are rewritten, and every cached
+        layout follows (new versions or new memory).
+
+        Returns int64 in ``values``' new shape: for each entry, the flat position in the
+        old ``values`` that held the same weight, or -1 for an entry that is new, so
+        what is kept per entry (a gradient, optimizer moments) can follow it."""
+        old_positions = torch.full((self.out_features, self.in_features), -1, dtype=torch.int64, device=rows.device)
+        held = torch.arange(1, self.values.numel() + 1, device=rows.device).view(self.values.shape)  # 0: not held
+        stored_rows = self.active_rows if self.active_rows is not None else torch.arange(self.out_features, device=rows.device)
+        old_positions[stored_rows] = _condensed_to_dense(held, self.idx, self.in_features).flatten(0, -2) - 1
+
+        plan = plan_rows(rows, mask, self.group_size)
+        if plan.padded_entries:
+            raise ValueError(f"relayout: mask must keep a constant fan-in per kept row (it would pad {plan.padded_entries} entries)")
+        kept = plan.kept[plan.active_rows]
+        values, idx = to_condensed(rows[plan.active_rows].to(self.values.dtype), kept, self.idx.dtype)
+        sources, _ = to_condensed(old_positions[plan.active_rows], kept, self.idx.dtype)
+        shape = self._values_shape(plan.active_rows.numel(), plan.fan_in)
+        if list(self.values.shape) == shape:
+            self.values.copy_(values.view(shape))
+        else:
+            self.values.data = values.view(shape)
+        group_idx = idx[:: self.group_size].contiguous()
+        if self.idx.shape == group_idx.shape:
+            self.idx.copy_(group_idx)
+        else:
+            self._set_idx(group_idx)
+        self.fan_in, self.active_neurons, self.padded_entries = plan.fan_in, plan.active_rows.numel(), 0
+        if self.active_neurons == self.out_features:
+            self.active_rows = self.ablated_rows = self.output_order = None
+        else:
+            self.active_rows = plan.active_rows.to(torch.int64).clone()
+            self._derive_output_order()
+        return sources.view(shape)
 
     def _condensed_rows(self, x: Tensor) -> Tensor:
         """``[..., in_features]`` -> ``[..., out_features]``, through :func:`~condensed_ops.ops.condensed_layer`."""

@@ -31,14 +31,17 @@ same averaged gradients and weights, and the updates are deterministic, so the
 ranks keep identical masks.
 """
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, Mapping, Optional, Union
+from typing import Any, Collection, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masks import fan_in_for_density, grouped_fan_in_mask, layer_densities, sparsifiable_layers, sparsifiable_weights
+from .modules import CondensedConv2d, CondensedLayer
 
 DROP_RULES = ("layer", "neuron")
 
@@ -48,10 +51,12 @@ class SparseLayer:
     """One layer's sparse state.
 
     Attributes:
-        weight: the masked weight (a layer's, or an attention's input projection).
-        module: the ``nn.Linear`` / ``nn.Conv2d`` it belongs to, or None for an
-            ``nn.MultiheadAttention`` input projection (a bare parameter).
-        mask: bool, the weight's shape; True where a weight is active.
+        weight: the masked weight (a layer's, or an attention's input projection);
+            for a condensed layer its ``values``.
+        module: the ``nn.Linear`` / ``nn.Conv2d`` / condensed layer it belongs to, or
+            None for an ``nn.MultiheadAttention`` input projection (a bare parameter).
+        mask: bool, the weight's shape (a condensed layer's: its rows ``[out, in]``);
+            True where a weight is active.
         fan_in: active weights per active neuron (row of ``weight.flatten(1)``).
         ablated_neurons: bool ``[out]``; an ablated neuron has no weights for good
             (its output is its bias). With ``group_size > 1`` whole groups are ablated.
@@ -71,6 +76,11 @@ class SparseLayer:
     budget: int
     ablation_allowed: bool
     group_size: int = 1
+
+    @property
+    def is_condensed(self) -> bool:
+        """Whether the layer is stored condensed (trained sparse-to-sparse) rather than masked dense."""
+        return isinstance(self.module, CondensedLayer)
 
     @property
     def initial_fan_in(self) -> int:
@@ -133,6 +143,87 @@ def _group_sizes(group_size: Union[int, Mapping[str, int]], weights: Mapping[str
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"group_size must be an int >= 1 (or a dict of them), got {size!r} for {name!r}")
     return sizes
+
+
+def initial_masks(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    density_method: str = "erk",
+    exclude: Collection[str] = (),
+    group_size: Union[int, Mapping[str, int]] = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, Tensor]:
+    """``{layer name: bool mask in the weight's shape}``: the random constant fan-in
+    masks :class:`SRigL` starts a dense ``model`` from (the same arguments and
+    generator state give the same masks). ``condense(model, masks=initial_masks(...),
+    min_weights=0, max_density=1.0)`` turns them into condensed layers that
+    :class:`SRigL` then trains sparse-to-sparse."""
+    weights = sparsifiable_weights(model, exclude)
+    if not weights:
+        raise ValueError("model has no Linear or groups=1 Conv2d layer to sparsify")
+    group_sizes = _group_sizes(group_size, weights)
+    densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
+    masks = {}
+    for name, weight in weights.items():
+        out_features, in_features = weight.shape[0], weight[0].numel()
+        fan_in = fan_in_for_density(densities[name], in_features)
+        mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_sizes[name], generator=generator)
+        masks[name] = mask.to(weight.device).view(weight.shape)
+    return masks
+
+
+def _condensed_layers(model: nn.Module, exclude: Collection[str]) -> Dict[str, CondensedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, CondensedLayer) and name not in exclude}
+
+
+def _module_order(model: nn.Module, names: Collection[str]) -> list:
+    """``names`` (layers, or ``<attention>.in_proj_weight``) in the model's module order."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(names, key=lambda name: order.get(name, order.get(name.rpartition(".")[0], 0)))
+
+
+def _rows_gradient(module: CondensedLayer, x: Tensor, grad_y: Tensor) -> Tensor:
+    """The dense gradient of a condensed layer's rows ``[out, in]`` for one call,
+    from its input ``x`` and its output's gradient ``grad_y`` (float32 or wider)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if isinstance(module, CondensedConv2d):
+        if x.dim() == 3:  # unbatched
+            x, grad_y = x[None], grad_y[None]
+        x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)  # [N, L, in]
+        grad_y = grad_y.flatten(2).transpose(1, 2)  # [N, L, out]
+    rows_x = x.reshape(-1, module.in_features).to(dtype)
+    return grad_y.reshape(-1, module.out_features).to(dtype).T @ rows_x
+
+
+def _stored_positions(module: CondensedLayer) -> Tuple[Tensor, Tensor]:
+    """Row ``[active, 1]`` and column ``[active, fan_in]`` of each stored entry of a
+    condensed layer, in the order of its ``values``."""
+    columns = module.idx.long()
+    if module.group_size > 1:
+        columns = columns.repeat_interleave(module.group_size, dim=0)
+    rows = module.active_rows if module.active_rows is not None else torch.arange(module.out_features, device=columns.device)
+    return rows[:, None], columns
+
+
+def _stored_rows_mask(module: CondensedLayer) -> Tensor:
+    """Bool ``[out, in]``: the entries a condensed layer stores."""
+    rows, columns = _stored_positions(module)
+    mask = torch.zeros(module.out_features, module.in_features, dtype=torch.bool, device=columns.device)
+    mask[rows, columns] = True
+    return mask
+
+
+def _gather_stored(module: CondensedLayer, dense_rows: Tensor) -> Tensor:
+    """``dense_rows [out, in]`` at a condensed layer's stored entries, in ``values``' shape."""
+    rows, columns = _stored_positions(module)
+    return dense_rows[rows, columns].view(module.values.shape)
+
+
+def _carry(old: Tensor, sources: Tensor, fill: Union[Tensor, float]) -> Tensor:
+    """Entries of ``old`` taken to ``sources``' layout (-1: ``fill``)."""
+    taken = old.reshape(-1)[sources.clamp(min=0).reshape(-1)].view(sources.shape)
+    return torch.where(sources >= 0, taken, fill)
 
 
 class SRigL:
@@ -205,14 +296,19 @@ class SRigL:
         if drop_rule not in DROP_RULES:
             raise ValueError(f"drop_rule must be one of {DROP_RULES}, got {drop_rule!r}")
         weights = sparsifiable_weights(model, exclude)
-        if not weights:
-            raise ValueError("model has no Linear or groups=1 Conv2d layer to sparsify")
+        condensed = _condensed_layers(model, exclude)
+        if not weights and not condensed:
+            raise ValueError("model has no Linear, groups=1 Conv2d or condensed layer to sparsify")
         modules = sparsifiable_layers(model, exclude)
+        names = _module_order(model, [*weights, *condensed])
         if ablation_exempt is None:
-            ablation_exempt = {list(weights)[-1]}
-        elif set(ablation_exempt) - set(weights):
-            raise ValueError(f"ablation_exempt names no sparsified layer: {sorted(set(ablation_exempt) - set(weights))}")
-        group_sizes = _group_sizes(group_size, weights)
+            ablation_exempt = {names[-1]}
+        elif set(ablation_exempt) - set(names):
+            raise ValueError(f"ablation_exempt names no sparsified layer: {sorted(set(ablation_exempt) - set(names))}")
+        group_sizes = _group_sizes(group_size, {**weights, **condensed})
+        for name, module in condensed.items():
+            if group_sizes[name] != module.group_size and (isinstance(group_size, Mapping) or group_size != 1):
+                raise ValueError(f"group_size for the condensed layer {name!r} is {group_sizes[name]}, its layout's is {module.group_size}")
 
         self.t_end = t_end
         self.delta_t = delta_t
@@ -221,16 +317,26 @@ class SRigL:
         self.drop_rule = drop_rule
         self.optimizer = optimizer
         self.steps_taken = 0
-        densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
+        masks = (
+            initial_masks(
+                model, sparsity, density_method=density_method, exclude=exclude,
+                group_size={name: group_sizes[name] for name in weights}, generator=generator,
+            )
+            if weights
+            else {}
+        )
         self.layers: Dict[str, SparseLayer] = {}
-        for name, weight in weights.items():
-            out_features, in_features = weight.shape[0], weight[0].numel()
-            fan_in = fan_in_for_density(densities[name], in_features)
-            mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_sizes[name], generator=generator)
+        for name in names:
+            if name in condensed:
+                self.layers[name] = self._condensed_layer(condensed[name], allow_ablation=name not in ablation_exempt)
+                continue
+            weight, mask = weights[name], masks[name]
+            out_features = weight.shape[0]
+            fan_in = int(mask.flatten(1)[0].sum())
             self.layers[name] = SparseLayer(
                 weight=weight,
                 module=modules.get(name),
-                mask=mask.to(weight.device).view(weight.shape),
+                mask=mask,
                 fan_in=fan_in,
                 ablated_neurons=torch.zeros(out_features, dtype=torch.bool, device=weight.device),
                 budget=out_features * fan_in,
@@ -238,9 +344,60 @@ class SRigL:
                 group_size=group_sizes[name],
             )
         self.apply_masks()
+        # A condensed layer has no dense gradient: on an update step each saves its
+        # input and its output's gradient (_tap), and step() forms one layer's at a time.
+        self._taps: Dict[str, list] = {name: [] for name in condensed}
+        self._tap_hooks = [
+            module.register_forward_hook(functools.partial(self._tap, name)) for name, module in condensed.items()
+        ]
         self._optimizer_hook = (
             optimizer.register_step_post_hook(lambda *_: self.apply_masks()) if optimizer is not None else None
         )
+
+    @staticmethod
+    def _condensed_layer(module: CondensedLayer, allow_ablation: bool) -> SparseLayer:
+        """A condensed layer's state, read from its layout: its mask is its rows'
+        stored entries, its budget the weights it stores."""
+        mask = _stored_rows_mask(module)
+        ablated = ~mask.any(dim=1)
+        return SparseLayer(
+            weight=module.values,
+            module=module,
+            mask=mask,
+            fan_in=module.fan_in,
+            ablated_neurons=ablated,
+            budget=module.active_neurons * module.fan_in,
+            ablation_allowed=allow_ablation,
+            group_size=module.group_size,
+        )
+
+    def _tap(self, name: str, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        """Forward hook of a condensed layer: on a training call of an update step,
+        keep its input and (through a tensor hook) its output's gradient."""
+        if not (module.training and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        if not self.is_update_step(self.steps_taken + 1):
+            return
+        record = [inputs[0].detach(), None]
+        self._taps[name].append(record)
+
+        def keep_gradient(grad: Tensor) -> None:
+            record[1] = grad.detach()
+
+        output.register_hook(keep_gradient)
+
+    def _dense_gradient(self, name: str, layer: SparseLayer) -> Optional[Tensor]:
+        """The dense gradient of the layer's weight (a condensed layer's: of its rows,
+        formed now from this step's calls, which are then freed), or None."""
+        if not layer.is_condensed:
+            return layer.weight.grad
+        records, self._taps[name] = self._taps[name], []
+        gradient = None
+        for x, grad_y in records:
+            if grad_y is not None:
+                call = _rows_gradient(layer.module, x, grad_y)
+                gradient = call if gradient is None else gradient.add_(call)
+        return gradient
 
     # ---- schedule ----------------------------------------------------------------
 
@@ -267,8 +424,10 @@ class SRigL:
         updating = self.is_update_step(self.steps_taken)
         if updating:
             drop_fraction = self.drop_fraction(self.steps_taken)
-            for layer in self.layers.values():
-                self._rewire(layer, drop_fraction)
+            for name, layer in self.layers.items():
+                self._rewire(layer, self._dense_gradient(name, layer), drop_fraction)
+        for records in self._taps.values():
+            records.clear()  # calls of a step that did not reach step() (e.g. a skipped batch)
         self.mask_gradients()
         return updating
 
@@ -276,13 +435,14 @@ class SRigL:
     def apply_masks(self) -> None:
         """Zero every weight outside its mask."""
         for layer in self.layers.values():
-            layer.weight.masked_fill_(~layer.mask, 0)
+            if not layer.is_condensed:  # a condensed layer stores nothing outside its mask
+                layer.weight.masked_fill_(~layer.mask, 0)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero every gradient outside its mask."""
         for layer in self.layers.values():
-            if layer.weight.grad is not None:
+            if not layer.is_condensed and layer.weight.grad is not None:
                 layer.weight.grad.masked_fill_(~layer.mask, 0)
 
     def remove_optimizer_hook(self) -> None:
@@ -291,16 +451,23 @@ class SRigL:
             self._optimizer_hook.remove()
             self._optimizer_hook = None
 
+    def remove_hooks(self) -> None:
+        """Detach the updater from the model: the optimizer hook and the condensed layers' forward hooks."""
+        self.remove_optimizer_hook()
+        for hook in self._tap_hooks:
+            hook.remove()
+        self._tap_hooks = []
+
     # ---- the SRigL update ----------------------------------------------------------
 
-    def _rewire(self, layer: SparseLayer, drop_fraction: float) -> None:
-        grad = layer.weight.grad
+    def _rewire(self, layer: SparseLayer, grad: Optional[Tensor], drop_fraction: float) -> None:
         if grad is None:  # the layer took no part in this step's loss: nothing to grow by
             return
         out_features, in_features, fan_in = layer.mask.shape[0], layer.in_features, layer.fan_in
         row_groups, groups, group_size = layer.row_groups, layer.groups, layer.group_size
         mask = layer.mask.view(out_features, in_features)
-        magnitude = layer.weight.detach().abs().reshape(out_features, in_features)
+        weight_rows = layer.module._dense_rows() if layer.is_condensed else layer.weight.detach()
+        magnitude = weight_rows.abs().reshape(out_features, in_features)
         grad_magnitude = grad.abs().reshape(out_features, in_features).to(magnitude.dtype)
         group_mask = mask[::group_size]  # a group's rows share their columns: its first row's
         rows_per_group = torch.bincount(row_groups, minlength=groups)
@@ -344,13 +511,31 @@ class SRigL:
             return
 
         new_mask, grown = new_group_mask[row_groups], grow[row_groups]
-        changed = (mask & ~new_mask) | grown
-        weight_shape = layer.weight.shape
-        layer.weight.masked_fill_((~new_mask | grown).view(weight_shape), 0)  # grown weights start at 0
-        self._reset_optimizer_state(layer.weight, changed.view(weight_shape))
-        layer.mask = new_mask.view(weight_shape)
+        if layer.is_condensed:
+            self._relayout_condensed(layer, weight_rows.masked_fill(~new_mask | grown, 0), new_mask, grad)
+        else:
+            changed = (mask & ~new_mask) | grown
+            weight_shape = layer.weight.shape
+            layer.weight.masked_fill_((~new_mask | grown).view(weight_shape), 0)  # grown weights start at 0
+            self._reset_optimizer_state(layer.weight, changed.view(weight_shape))
+        layer.mask = new_mask.view(layer.mask.shape)
         layer.fan_in = new_fan_in
         layer.ablated_neurons = ablated_groups[row_groups]
+
+    def _relayout_condensed(self, layer: SparseLayer, rows: Tensor, mask: Tensor, grad_rows: Tensor) -> None:
+        """Store a condensed layer's new rows; what belongs to each weight follows it:
+        kept weights keep their gradient and optimizer state, grown ones start at 0
+        with zeroed state and their dense gradient (as the masked-dense layer's would)."""
+        values = layer.weight
+        old_shape, old_grad = values.shape, values.grad
+        sources = layer.module.relayout(rows, mask)
+        if old_grad is not None:
+            values.grad = _carry(old_grad, sources, _gather_stored(layer.module, grad_rows.to(old_grad.dtype)))
+        if self.optimizer is not None and values in self.optimizer.state:
+            state = self.optimizer.state[values]
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == old_shape:
+                    state[key] = _carry(value, sources, 0)
 
     def _groups_to_ablate(
         self, layer: SparseLayer, mask: Tensor, magnitude: Tensor, grad_magnitude: Tensor, weight_drops: int
@@ -433,4 +618,4 @@ class SRigL:
         self.apply_masks()
 
 
-__all__ = ["DROP_RULES", "SRigL", "SparseLayer"]
+__all__ = ["DROP_RULES", "SRigL", "SparseLayer", "initial_masks"]
