@@ -55,6 +55,17 @@ def _tensor_bytes(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _replace_data(parameter: nn.Parameter, data: Tensor) -> None:
+    """Give ``parameter`` new contents of another shape, keeping the Parameter (an
+    optimizer holds it). A leaf's gradient accumulator, alive while any graph that
+    used it is (e.g. the last step's ``loss``), remembers the leaf's shape and would
+    reject the next gradient; autograd drops it only when the dtype changes, so the
+    data passes through another dtype first."""
+    other_dtype = torch.float64 if parameter.dtype != torch.float64 else torch.float32
+    parameter.data = torch.empty(0, dtype=other_dtype, device=parameter.device)
+    parameter.data = data
+
+
 # ---- the shared storage -------------------------------------------------------------------
 
 
@@ -228,7 +239,7 @@ class CondensedLayer(nn.Module):
         active_neurons, fan_in = int(shape[0]) * self.group_size, int(shape[-1])
         if tuple(shape) != tuple(self.values.shape):
             # Resized in place: an optimizer built before the load still holds the parameter.
-            self.values.data = self.values.new_empty(shape)
+            _replace_data(self.values, self.values.new_empty(shape))
             self._set_idx(self.idx.new_zeros(int(shape[0]), fan_in))
         self.active_neurons, self.fan_in = active_neurons, fan_in
         if active_rows is None:
@@ -297,7 +308,7 @@ class CondensedLayer(nn.Module):
         if list(self.values.shape) == shape:
             self.values.copy_(values.view(shape))
         else:
-            self.values.data = values.view(shape)
+            _replace_data(self.values, values.view(shape))
         group_idx = idx[:: self.group_size].contiguous()
         if self.idx.shape == group_idx.shape:
             self.idx.copy_(group_idx)

@@ -397,6 +397,16 @@ class SRigL:
             if grad_y is not None:
                 call = _rows_gradient(layer.module, x, grad_y)
                 gradient = call if gradient is None else gradient.add_(call)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each rank saw its own batch: average, as DistributedDataParallel averages
+            # a dense weight's gradient, so every rank takes the same decisions.
+            world = torch.distributed.get_world_size()
+            took_part = torch.tensor([gradient is not None], dtype=torch.int64, device=layer.weight.device)
+            torch.distributed.all_reduce(took_part)
+            if int(took_part) != world:
+                return None  # not every rank has a gradient for it: no rank rewires it
+            torch.distributed.all_reduce(gradient)
+            gradient.div_(world)
         return gradient
 
     # ---- schedule ----------------------------------------------------------------
