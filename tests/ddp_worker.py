@@ -4,8 +4,9 @@
 
 Each rank starts from its own random initialisation (different values and
 indices: DDP's broadcast must make them equal), trains on its own data, and
-writes its final state to OUT_DIR/rank{r}.pt: a condensed MLP, and a dense MLP
-trained with SRigL (its masks included). The test compares the ranks.
+writes its final state to OUT_DIR/rank{r}.pt: a condensed MLP, a dense MLP
+trained with SRigL (its masks included), and a condensed MLP trained with SRigL
+sparse-to-sparse. The test compares the ranks.
 """
 
 import os
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import condensed_ops
-from condensed_ops.srigl import SRigL
+from condensed_ops.srigl import SRigL, initial_masks
 
 WORLD = 2
 
@@ -70,6 +71,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     _train_srigl(dense, rank, updater_for)
     masks = {name: layer.mask.clone() for name, layer in holder["updater"].layers.items()}
 
+    sparse_to_sparse, resized = _train_condensed_srigl(rank)
+
     try:  # condensing inside DDP would leave the new parameters unsynchronised
         condensed_ops.condense(DistributedDataParallel(nn.Sequential(nn.Linear(16, 16))), min_weights=0)
         refused = ""
@@ -97,7 +100,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     fsdp_state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sharded.state_dict().items()}
     torch.save(
         {"condensed": condensed.state_dict(), "dense": dense.state_dict(), "masks": masks, "refused": refused,
-         "fsdp": fsdp_state, "fsdp_losses": fsdp_losses},
+         "fsdp": fsdp_state, "fsdp_losses": fsdp_losses,
+         "sparse_to_sparse": sparse_to_sparse, "resized": resized},
         f"{out_dir}/rank{rank}.pt",
     )
     dist.barrier()  # no rank tears down gloo while the other still communicates
@@ -107,6 +111,34 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def _train_srigl(model: nn.Module, rank: int, updater_for) -> None:
     # DDP broadcasts rank 0's weights at construction; SRigL then masks the same weights on every rank.
     _train(model, rank, steps=10, updater_for=updater_for)
+
+
+def _train_condensed_srigl(rank: int):
+    """SRigL over condensed layers: each rank starts from its own weights (DDP
+    broadcasts rank 0's), the same initial masks, and its own data. DDP is rebuilt
+    after a step that resized values (it sizes its buckets once)."""
+    torch.manual_seed(20 + rank)
+    model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 4))
+    masks = initial_masks(model, 0.8, generator=torch.Generator().manual_seed(0))
+    condensed_ops.condense(model, masks=masks, min_weights=0, max_density=1.0)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    updater = SRigL(model, 0.8, t_end=40, delta_t=4, gamma_sal=0.5, optimizer=optimizer)
+    g = torch.Generator().manual_seed(200 + rank)
+    resized = 0
+    for _ in range(40):
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        loss = F.cross_entropy(ddp(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        updater.step()
+        optimizer.step()
+        if updater.layout_changed:
+            resized += 1
+            ddp = DistributedDataParallel(model)
+    state = dict(model.state_dict())
+    state.update({f"mask.{name}": layer.mask for name, layer in updater.layers.items()})
+    return state, resized
 
 
 def main() -> None:

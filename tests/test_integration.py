@@ -98,7 +98,7 @@ def test_two_gloo_processes_keep_identical_condensed_and_srigl_models(tmp_path):
     result = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "DDP OK" in result.stdout, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for part in ("condensed", "dense", "masks", "fsdp"):
+    for part in ("condensed", "dense", "masks", "fsdp", "sparse_to_sparse"):
         first, second = ranks[0][part], ranks[1][part]
         assert first.keys() == second.keys()
         for key in first:
@@ -106,6 +106,7 @@ def test_two_gloo_processes_keep_identical_condensed_and_srigl_models(tmp_path):
     assert ranks[0]["condensed"]["0.idx"].dtype == torch.int16  # the default index dtype, broadcast as bytes
     assert ranks[0]["masks"]["0"].float().mean() < 0.5  # SRigL's masks, not all-ones
     assert "condense the model first, then wrap it" in ranks[0]["refused"]
+    assert ranks[0]["resized"] > 0  # ablation resized values: DDP was rebuilt and the ranks still agree
     losses = ranks[0]["fsdp_losses"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 

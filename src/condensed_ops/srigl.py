@@ -317,6 +317,7 @@ class SRigL:
         self.drop_rule = drop_rule
         self.optimizer = optimizer
         self.steps_taken = 0
+        self.layout_changed = False  # whether the last step() resized a condensed layer's values
         masks = (
             initial_masks(
                 model, sparsity, density_method=density_method, exclude=exclude,
@@ -432,10 +433,13 @@ class SRigL:
         """
         self.steps_taken += 1
         updating = self.is_update_step(self.steps_taken)
+        self.layout_changed = False
         if updating:
             drop_fraction = self.drop_fraction(self.steps_taken)
             for name, layer in self.layers.items():
+                shape = layer.weight.shape
                 self._rewire(layer, self._dense_gradient(name, layer), drop_fraction)
+                self.layout_changed |= layer.is_condensed and layer.weight.shape != shape
         for records in self._taps.values():
             records.clear()  # calls of a step that did not reach step() (e.g. a skipped batch)
         self.mask_gradients()
