@@ -622,3 +622,29 @@ def test_the_ablation_threshold_is_fixed_by_the_initial_fan_in():
     assert not updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=6).any()
     updater.gamma_sal = 0.8  # int(0.8 * 10) = 8 > 7: now neuron 1 goes
     assert updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=6).tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_selections_match_a_stable_sort_ties_included(seed):
+    """The threshold selections (no full sort) keep exactly what a stable descending
+    sort keeps: ties go to the lower index. Few distinct values, so ties are everywhere."""
+    from condensed_ops.srigl import _top_overall, _top_per_row
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (9, 13), generator=g).double()
+    scores[0] = -math.inf  # a row with nothing to choose from
+    among = torch.rand(9, 13, generator=g) < 0.6
+    counts = torch.randint(0, 14, (9,), generator=g)
+
+    def by_sort(flat_scores, count):
+        order = torch.sort(flat_scores, descending=True, stable=True).indices[:count]
+        return torch.zeros(flat_scores.shape, dtype=torch.bool).scatter_(0, order, True)
+
+    finite = torch.where(torch.isinf(scores), 1.0, scores)  # scores are |w| or |grad|: -inf only marks the left out
+    for count in (0, 1, 7, 40, int(among.sum()), 200):
+        masked = torch.where(among, finite, -math.inf).flatten()
+        assert torch.equal(_top_overall(finite, count, among=among).flatten(), by_sort(masked, count) & among.flatten())
+        assert torch.equal(_top_overall(scores, count).flatten(), by_sort(scores.flatten(), count))
+    expected = torch.stack([by_sort(row, int(c)) for row, c in zip(scores, counts)])
+    assert torch.equal(_top_per_row(scores, counts), expected)
+    assert torch.equal(_top_per_row(scores, 5), torch.stack([by_sort(row, 5) for row in scores]))

@@ -109,25 +109,62 @@ class SparseLayer:
 def _top_per_row(scores: Tensor, counts: Union[int, Tensor]) -> Tensor:
     """Bool mask of each row's ``counts`` (one int, or one per row) highest scores;
     ties go to the lower column."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rows, columns = scores.shape
     if isinstance(counts, int):
-        counts = torch.full((scores.shape[0],), counts, device=scores.device)
-    take = torch.arange(scores.shape[1], device=scores.device) < counts[:, None]
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, order, take)
+        counts = torch.full((rows,), counts, device=scores.device)
+    counts = counts.clamp(0, columns)
+    most = int(counts.max()) if rows else 0
+    if most == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    # Not a sort of every row: each row's counts-th highest score (from a partial
+    # top-k, whose values are exact) is its threshold; everything above it is
+    # taken, and of the scores equal to it the leftmost fill the count.
+    highest = torch.topk(scores, most, dim=1, sorted=True).values
+    threshold = highest.gather(1, (counts - 1).clamp(min=0)[:, None])
+    return _take_to_threshold(scores, threshold, counts[:, None]) & (counts > 0)[:, None]
+
+
+def _count(mask: Tensor, dim: int) -> Tensor:
+    """int64 count of True along ``dim`` (bool ``sum`` widens every element first: ~3x slower)."""
+    if mask.dim() == 1:
+        return torch.count_nonzero(mask)
+    return mask.view(torch.uint8).sum(dim=dim)
+
+
+def _take_to_threshold(scores: Tensor, threshold: Tensor, counts: Tensor) -> Tensor:
+    """Along the last dim: the scores above ``threshold`` and, in index order, as many
+    scores equal to it as ``counts`` needs (what a stable descending sort keeps)."""
+    at_least = scores >= threshold
+    if bool((_count(at_least, dim=-1)[..., None] == counts).all()):
+        return at_least  # no tie at a threshold is left out (the usual case: one pass)
+    above = scores > threshold
+    ties = at_least & ~above
+    still_needed = counts - _count(above, dim=-1)[..., None]
+    return above | (ties & (torch.cumsum(ties, dim=-1) <= still_needed))
 
 
 def _sum_over_groups(values: Tensor, row_groups: Tensor, groups: int) -> Tensor:
     """``[groups, ...]``: the sum of ``values``' rows in each group, in float64 (so with
     one row per group the sum is the value itself, bit for bit, and float32 squares are exact)."""
+    if groups == values.shape[0]:
+        return values.to(torch.float64)
     total = torch.zeros((groups, *values.shape[1:]), dtype=torch.float64, device=values.device)
     return total.index_add_(0, row_groups, values.to(torch.float64))
 
 
-def _top_overall(scores: Tensor, count: int) -> Tensor:
-    """Bool mask (``scores``' shape) of the ``count`` highest scores of the whole tensor."""
-    order = torch.sort(scores.flatten(), descending=True, stable=True).indices[:count]
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    return chosen.scatter_(0, order, True).view(scores.shape)
+def _top_overall(scores: Tensor, count: int, among: Optional[Tensor] = None) -> Tensor:
+    """Bool mask (``scores``' shape) of the ``count`` highest scores of the whole
+    tensor, or of the entries ``among`` marks; ties go to the lower flat index."""
+    candidates = scores.flatten() if among is None else scores[among]
+    if count <= 0 or candidates.numel() == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if count >= candidates.numel():
+        return torch.ones_like(scores, dtype=torch.bool) if among is None else among.clone()
+    threshold = torch.kthvalue(candidates, candidates.numel() - count + 1).values  # the count-th highest, in linear time
+    if among is not None:
+        scores = torch.where(among, scores, torch.tensor(-math.inf, dtype=scores.dtype, device=scores.device))
+    chosen = _take_to_threshold(scores.flatten(), threshold, torch.tensor(count, device=scores.device)).view(scores.shape)
+    return chosen if among is None else chosen & among
 
 
 def _group_sizes(group_size: Union[int, Mapping[str, int]], weights: Mapping[str, Tensor]) -> Dict[str, int]:
@@ -503,13 +540,19 @@ class SRigL:
         # Drop scores: the L2 norm of a group's weights in a column (ranked by its
         # square, exact in float64); for one row that is |w|. Grow scores: the group's
         # summed |grad| in a column.
-        minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=mask.device)
+        if group_size == 1:  # one weight's L2 norm is |w|: the same order, without squares in float64
+            drop_values, grow_values = magnitude, grad_magnitude
+        else:
+            drop_values = _sum_over_groups(magnitude.square(), row_groups, groups)
+            grow_values = _sum_over_groups(grad_magnitude, row_groups, groups)
+        minus_inf = torch.tensor(-math.inf, dtype=drop_values.dtype, device=mask.device)
         active_pairs = group_mask & live[:, None]
-        drop_score = torch.where(active_pairs, _sum_over_groups(magnitude.square(), row_groups, groups), minus_inf)
+        drop_score = torch.where(active_pairs, drop_values, minus_inf)
         if self.drop_rule == "layer":
             # The reference rule: the layer's top (n - int(drop_fraction * n)) pairs stay.
-            pairs = int(active_pairs.sum())
-            kept_per_group = _top_overall(drop_score, pairs - int(pairs * drop_fraction)).sum(dim=1)
+            pairs = int(torch.count_nonzero(active_pairs))
+            kept_per_group = _top_overall(drop_values, pairs - int(pairs * drop_fraction), among=active_pairs)
+            kept_per_group = _count(kept_per_group, dim=1)
         else:
             kept_per_group = torch.full((groups,), fan_in - round(drop_fraction * fan_in), device=mask.device)
         # A group grows only at columns inactive before this update (so every change is
@@ -518,13 +561,13 @@ class SRigL:
         kept_per_group = kept_per_group.clamp(max(0, new_fan_in - (in_features - fan_in)), new_fan_in)
         keep = _top_per_row(drop_score, kept_per_group) & active_pairs
         growable = ~group_mask & live[:, None]
-        grow_score = torch.where(growable, _sum_over_groups(grad_magnitude, row_groups, groups), minus_inf)
+        grow_score = torch.where(growable, grow_values, minus_inf)
         grow = _top_per_row(grow_score, torch.where(live, new_fan_in - kept_per_group, 0)) & growable
         new_group_mask = keep | grow
         if torch.equal(new_group_mask, group_mask):
             return
 
-        new_mask, grown = new_group_mask[row_groups], grow[row_groups]
+        new_mask, grown = (new_group_mask, grow) if group_size == 1 else (new_group_mask[row_groups], grow[row_groups])
         if layer.is_condensed:
             self._relayout_condensed(layer, weight_rows.masked_fill(~new_mask | grown, 0), new_mask, grad)
         else:
@@ -565,12 +608,10 @@ class SRigL:
         active_rows = ~layer.ablated_neurons
         live = active_rows[::group_size]
         rows_per_group = torch.bincount(row_groups, minlength=groups)
-        minus_inf = torch.tensor(-math.inf, dtype=magnitude.dtype, device=magnitude.device)
         kept = layer.active_neurons * layer.fan_in - weight_drops
-        salient = _top_overall(torch.where(mask, magnitude, minus_inf), kept) & mask
-        inactive = ~mask & active_rows[:, None]
-        salient |= _top_overall(torch.where(inactive, grad_magnitude, minus_inf), weight_drops) & inactive
-        salient_per_row = _sum_over_groups(salient.sum(dim=1), row_groups, groups) / rows_per_group
+        salient = _top_overall(magnitude, kept, among=mask)
+        salient |= _top_overall(grad_magnitude, weight_drops, among=~mask & active_rows[:, None])
+        salient_per_row = _sum_over_groups(_count(salient, dim=1), row_groups, groups) / rows_per_group
         candidates = live & (salient_per_row < max(1, int(self.gamma_sal * layer.initial_fan_in)))
 
         # Keep enough rows to hold the budget at fan-in <= in_features (and at least
