@@ -84,9 +84,8 @@ def to_condensed(
             "to_condensed: every row must keep the same number of weights (constant fan-in), got between "
             f"{int(fan_in_per_row.min())} and {int(fan_in_per_row.max())} per row"
         )
-    # A stable sort of the row mask puts the kept columns first, in ascending order.
-    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices
-    idx = order[:, :fan_in]
+    # nonzero() lists the kept entries row by row, columns ascending (no sort).
+    idx = mask.nonzero()[:, 1].view(out_features, fan_in)
     values = torch.gather(dense_weight, 1, idx)
     return values.contiguous(), idx.to(index_dtype).contiguous()
 

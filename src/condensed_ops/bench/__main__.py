@@ -5,6 +5,7 @@
     python -m condensed_ops.bench --device cuda --dtype bfloat16 float32
     python -m condensed_ops.bench --training --batch 256       # forward + backward
     python -m condensed_ops.bench --no-sweep --vit              # ViT-B/16 end to end only
+    python -m condensed_ops.bench --no-sweep --train-model mlp vit  # whole training steps, SRigL sparse-to-sparse
 
 Every cell times its methods interleaved (each round calls every method once, in
 a fresh random order) and reports medians; on CUDA both eager per-call time and
@@ -83,7 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vit", action="store_true", help="also run a ViT-B/16-sized encoder end to end, MLPs condensed at 90%%")
     p.add_argument("--vit-batch", type=_positive, nargs="+", default=[1, 64, 256], help="ViT batch sizes (default 1 64 256)")
     p.add_argument("--vit-attention", action="store_true", help="also run it with the attention projections condensed")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="--no-sweep runs only what else is asked (--vit)")
+    p.add_argument(
+        "--train-model",
+        choices=["mlp", "vit"],
+        nargs="+",
+        default=[],
+        help="also time whole training steps (AdamW) of dense training, masked-dense SRigL and SRigL over condensed layers: "
+        "mlp = 4 residual 1024-4096-1024 blocks, vit = a small ViT (32x32 images, width 256, 4 blocks); at the first --sparsity (default 0.9)",
+    )
+    p.add_argument("--train-batch", type=_positive, nargs="+", default=[128, 256], help="training batch sizes (default 128 256)")
+    p.add_argument("--delta-t", type=_positive, default=100, help="SRigL steps between mask updates, for the amortized step (default 100)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="--no-sweep runs only what else is asked (--vit, --train-model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -173,13 +184,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib (or condensed_ops[bench])")
 
-    if not args.sweep and not args.vit:
-        parser.error("--no-sweep leaves nothing to run: add --vit")
+    if not args.sweep and not args.vit and not args.train_model:
+        parser.error("--no-sweep leaves nothing to run: add --vit or --train-model")
     if not args.sweep:
         config.shapes = []
     vit_variants = [False, True] if args.vit_attention else [False]
     vit_cells = len(args.vit_batch) * len(config.devices) * len(vit_variants) if args.vit else 0
-    progress = _Progress(config.cells() + vit_cells, not args.no_progress)
+    training_cells = list(itertools.product(args.train_model, args.train_batch, config.threads))
+    progress = _Progress(config.cells() + vit_cells + len(training_cells), not args.no_progress)
     printed_header: List[str] = []
 
     def on_cell(rows: List[Dict[str, object]]) -> None:
@@ -199,6 +211,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 vit = end_to_end(batches=args.vit_batch, include_attention=include_attention, device=device.type, progress=progress.step)
                 results["vit"].append(vit)
                 progress.print("\n" + format_markdown(vit))
+        if training_cells:
+            from . import training
+
+            results["training"] = []
+            sparsity = args.sparsity[0] if args.sparsity else 0.9
+            for model, batch, threads in training_cells:
+                progress.step(f"train {model} batch {batch} threads {threads}")
+                results["training"].append(
+                    training.time_training(model, batch, threads, sparsity, args.delta_t, rounds=args.rounds or 3)
+                )
+                progress.print(training.format_markdown(results["training"][-1:]))
     finally:
         progress.close()
     results["command"] = "python -m condensed_ops.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -105,11 +105,12 @@ def _trainers(kind: str, batch: int, sparsity: float, delta_t: int, seed: int = 
 
 
 def time_training(
-    kind: str, batch: int, threads: int, sparsity: float = 0.9, delta_t: int = 100, rounds: int = 5
+    kind: str, batch: int, threads: Optional[int], sparsity: float = 0.9, delta_t: int = 100, rounds: int = 5
 ) -> Dict[str, object]:
     """Median seconds per ordinary step and per update step of each method, the
     amortized step, and the speed-ups of condensed SRigL; one cell."""
     previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
     torch.set_num_threads(threads)
     try:
         trainers = _trainers(kind, batch, sparsity, delta_t)
