@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condensed_ops.masks import layer_densities, sparsifiable_weights
-from condensed_ops.srigl import SRigL
+from condensed_ops import condense
+from condensed_ops.srigl import SRigL, initial_masks
 
 Split = Tuple[Tensor, Tensor]
 
@@ -172,6 +173,7 @@ METHODS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "static": ("static constant fan-in (no rewiring)", dict(static=True)),
     "rigl": ("unstructured RigL", None),
     "srigl": ("SRigL per-row (g=1, layer drop rule)", dict(group_size=1)),
+    "srigl_condensed": ("SRigL per-row, sparse-to-sparse on condensed layers", dict(group_size=1, condensed=True)),
     "srigl_neuron": ("SRigL per-row, per-neuron drop rule", dict(group_size=1, drop_rule="neuron")),
     "srigl_noreset": ("SRigL per-row, no optimizer-state reset", dict(group_size=1, reset=False)),
     "srigl_g4": ("grouped SRigL g=4", dict(group_size=4)),
@@ -188,6 +190,10 @@ def train_once(task: str, method: str, sparsity: Optional[float], seed: int, epo
     (x, y), (x_test, y_test) = splits
     torch.manual_seed(seed)
     model = TASKS[task]["model"]()
+    if method != "dense" and METHODS[method][1] and METHODS[method][1].get("condensed"):
+        # SRigL's initial masks (the draw a masked-dense run makes), as condensed layers.
+        masks = initial_masks(model, sparsity, group_size=METHODS[method][1]["group_size"], generator=torch.Generator().manual_seed(seed))
+        condense(model, masks=masks, min_weights=0, max_density=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     steps = epochs * math.ceil(len(y) / BATCH_SIZE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -200,6 +206,7 @@ def train_once(task: str, method: str, sparsity: Optional[float], seed: int, epo
     elif method != "dense":
         options = dict(METHODS[method][1])
         reset = options.pop("reset", True)
+        options.pop("condensed", None)
         output_group_size = options.pop("output_group_size", None)
         if output_group_size is not None:
             names = list(sparsifiable_weights(model))

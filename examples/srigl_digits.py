@@ -1,15 +1,21 @@
-"""Train an MLP on scikit-learn's handwritten digits twice -- dense, and with SRigL at
-90% sparsity --, condense the sparse one, and compare accuracy and inference time.
+"""Train an MLP on scikit-learn's handwritten digits three times -- dense, with SRigL
+at 90% sparsity on masked dense layers, and with SRigL on condensed layers from the
+first step (sparse-to-sparse) --, condense the masked one, deploy the condensed one
+through a checkpoint, and compare accuracy, training time and inference time.
 
     python examples/srigl_digits.py [--epochs N] [--threads N]
 
 The digits (1797 8x8 images) ship with scikit-learn: nothing is downloaded. Exits
 non-zero when SRigL's test accuracy is more than 2 points below the dense model's,
-or when the condensed model does not predict what the masked dense model does.
+when the condensed model does not predict what the masked dense model does, when
+sparse-to-sparse training strays from the masked run (accuracy more than 1 point
+apart, or final masks agreeing on under 80% of the kept weights), or when the
+reloaded checkpoint predicts otherwise.
 """
 
 import argparse
 import copy
+import io
 import math
 import statistics
 import sys
@@ -22,7 +28,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 import condensed_ops
-from condensed_ops.srigl import SRigL
+from condensed_ops.srigl import SRigL, initial_masks
 
 SEED = 0
 SPARSITY = 0.9
@@ -54,11 +60,17 @@ def make_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
 
 
-def train(train_split: Split, epochs: int, sparsity: Optional[float]) -> Tuple[nn.Module, Optional[SRigL]]:
+def train(
+    train_split: Split, epochs: int, sparsity: Optional[float], condensed: bool = False
+) -> Tuple[nn.Module, Optional[SRigL]]:
     """AdamW with a cosine schedule on shuffled mini-batches; with ``sparsity``, SRigL
-    keeps the masks. The same recipe for both runs: only the masks differ."""
+    keeps the masks (``condensed``: of condensed layers, from SRigL's initial masks, so
+    the run takes the masked run's decisions). The same recipe for every run."""
     torch.manual_seed(SEED)
     model = make_mlp()
+    if condensed:
+        masks = initial_masks(model, sparsity, generator=torch.Generator().manual_seed(SEED))
+        condensed_ops.condense(model, masks=masks, min_weights=0, max_density=1.0)  # every layer SRigL masks
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     x, labels = train_split
     steps = epochs * math.ceil(len(labels) / BATCH_SIZE)
@@ -69,7 +81,7 @@ def train(train_split: Split, epochs: int, sparsity: Optional[float]) -> Tuple[n
         # rewires every other epoch until then.
         updater = SRigL(
             model, sparsity, t_end=int(0.75 * steps), delta_t=100, optimizer=optimizer, generator=torch.Generator().manual_seed(SEED)
-        )
+        )  # (a condensed model keeps its layers' masks; the generator draws none)
     shuffle = torch.Generator().manual_seed(SEED)
     for _ in range(epochs):
         for batch in torch.randperm(len(labels), generator=shuffle).split(BATCH_SIZE):
@@ -113,13 +125,38 @@ def main() -> int:
     train_split, test_split = load_splits()
     print(f"digits: {len(train_split[1])} train, {len(test_split[1])} test; MLP 64-{HIDDEN}-{HIDDEN}-10, {args.epochs} epochs")
 
-    start = time.perf_counter()
-    dense_model, _ = train(train_split, args.epochs, sparsity=None)
-    sparse_model, updater = train(train_split, args.epochs, sparsity=SPARSITY)
-    assert updater is not None
+    seconds = {}
+    for name, sparsity, condensed in (("dense", None, False), ("masked", SPARSITY, False), ("condensed", SPARSITY, True)):
+        start = time.perf_counter()
+        trained = train(train_split, args.epochs, sparsity, condensed)
+        seconds[name] = time.perf_counter() - start
+        if name == "dense":
+            dense_model, _ = trained
+        elif name == "masked":
+            sparse_model, updater = trained
+        else:
+            sparse_to_sparse_model, condensed_updater = trained
+    assert updater is not None and condensed_updater is not None
     dense_accuracy, sparse_accuracy = accuracy(dense_model, test_split), accuracy(sparse_model, test_split)
-    print(f"trained both in {time.perf_counter() - start:.1f} s")
-    print(f"test accuracy: dense {dense_accuracy:.2f}%, SRigL {100 * SPARSITY:.0f}% sparse {sparse_accuracy:.2f}%")
+    sparse_to_sparse_accuracy = accuracy(sparse_to_sparse_model, test_split)
+    print("training time: " + ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items()))
+    print(f"test accuracy: dense {dense_accuracy:.2f}%, SRigL {100 * SPARSITY:.0f}% sparse {sparse_accuracy:.2f}%, "
+          f"SRigL sparse-to-sparse {sparse_to_sparse_accuracy:.2f}%")
+    # The same decisions from the same start; over thousands of steps the two runs'
+    # float sums (in different orders) drift apart and a few picks at the margin differ.
+    kept_alike = sum(int((updater.layers[n].mask.flatten(1) & layer.mask).sum()) for n, layer in condensed_updater.layers.items())
+    kept = sum(int(layer.mask.sum()) for layer in condensed_updater.layers.values())
+    print(f"sparse-to-sparse vs masked: final masks agree on {100 * kept_alike / kept:.1f}% of the kept weights")
+
+    # Deploy: the checkpoint is the condensed model's state dict; load_condensed puts it
+    # into the dense architecture.
+    checkpoint = io.BytesIO()
+    torch.save(sparse_to_sparse_model.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    deployed = condensed_ops.load_condensed(make_mlp(), torch.load(checkpoint)).eval()
+    with torch.inference_mode():
+        reloaded_same = torch.equal(deployed(test_split[0]), sparse_to_sparse_model(test_split[0]))
+    print(f"checkpoint {checkpoint.getbuffer().nbytes / 1024:.0f} KiB, reloaded model predicts the same: {reloaded_same}")
 
     # The SRigL masks say what is kept, even where a kept weight happens to be 0.
     masks: Dict[str, Tensor] = {name: layer.mask for name, layer in updater.layers.items()}
@@ -152,6 +189,10 @@ def main() -> int:
         failures.append(f"SRigL accuracy {sparse_accuracy:.2f}% is more than {MAX_ACCURACY_GAP} points below dense {dense_accuracy:.2f}%")
     if not same_predictions:
         failures.append("the condensed model's predictions differ from the masked dense model's")
+    if kept_alike < 0.8 * kept or abs(sparse_to_sparse_accuracy - sparse_accuracy) > 1.0:
+        failures.append(f"sparse-to-sparse training ({sparse_to_sparse_accuracy:.2f}%) strayed from the masked run ({sparse_accuracy:.2f}%)")
+    if not reloaded_same:
+        failures.append("the reloaded checkpoint predicts otherwise")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0

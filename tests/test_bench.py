@@ -261,3 +261,20 @@ def test_grouped_methods_compute_their_grouped_layer(tmp_path, capsys):
     assert "runs of 4 output rows" in results["methods"]["grouped4"]
     grouped = next(row for row in results["rows"] if row["method"] == "grouped4")
     assert grouped["speedup_vs_dense"] > 0
+
+
+def test_training_steps_cell_times_all_three_trainers(monkeypatch):
+    """The --train-model cell on a small stand-in model: every method steps, update
+    steps really rewire (the trainer asserts it), and the amortized figures add up."""
+    from condensed_ops.bench import training
+
+    monkeypatch.setattr(training, "build_model", lambda kind: training.ResidualMLP(width=32, hidden=64, blocks=2))
+    monkeypatch.setattr(training, "_inputs", lambda kind, batch, generator: torch.randn(batch, 32, generator=generator))
+    cell = training.time_training("mlp", batch=16, threads=1, delta_t=10, rounds=2)
+    seconds, amortized = cell["seconds"], cell["amortized_seconds"]
+    assert set(amortized) == set(training.METHODS)
+    for method in training.METHODS:
+        expected = (9 * seconds[f"{method} step"] + seconds[f"{method} update"]) / 10
+        assert amortized[method] == pytest.approx(expected)
+    assert cell["speedup_vs_dense"] == pytest.approx(amortized["dense"] / amortized["condensed"])
+    assert "| mlp | 16 | 1 |" in training.format_markdown([cell])

@@ -1,9 +1,10 @@
 """Structured RigL (SRigL): dynamic sparse training with a constant fan-in.
 
 Lasby, Golubeva, Evci, Nica, Ioannou, "Dynamic Sparse Training with Structured
-Sparsity", ICLR 2024. Training is masked dense training on ordinary
-``nn.Linear`` / ``nn.Conv2d`` layers: weights outside the mask are held at zero,
-so ``weight.grad`` is the dense gradient that decides where to grow. Every active
+Sparsity", ICLR 2024. On ordinary ``nn.Linear`` / ``nn.Conv2d`` layers training
+is masked dense training: weights outside the mask are held at zero, so
+``weight.grad`` is the dense gradient that decides where to grow; condensed layers
+train sparse-to-sparse (below). Every active
 neuron keeps exactly ``fan_in`` weights, the layout the condensed kernels run.
 
 With ``group_size = g > 1`` the rows come in groups of ``g`` consecutive rows that
@@ -26,9 +27,33 @@ Order of calls in a training step::
                         # every call: zero the grads outside the masks
         opt.step()      # a post-step hook re-applies the masks, so masked weights stay exactly 0
 
-Pure PyTorch (single process). Under DistributedDataParallel every rank sees the
-same averaged gradients and weights, and the updates are deterministic, so the
-ranks keep identical masks.
+Sparse-to-sparse: the layers SRigL drives may also be condensed ones
+(:class:`~condensed_ops.CondensedLinear` / :class:`~condensed_ops.CondensedConv2d`,
+per-row or grouped, e.g. the projections of a condensed attention), trained on the
+condensed kernels from the first step to the last::
+
+    masks = initial_masks(model, sparsity=0.9, generator=g)          # SRigL's random start
+    condense(model, masks=masks, min_weights=0, max_density=1.0)    # every masked layer
+    opt = torch.optim.AdamW(model.parameters())
+    updater = SRigL(model, sparsity=0.9, t_end=..., optimizer=opt)  # same loop as above
+
+A condensed layer keeps the mask its layout stores (``sparsity`` allocates only
+the dense layers left). It has no dense gradient: on an update step each one
+keeps its input and its output's gradient, and :meth:`SRigL.step` forms one
+layer's ``grad_y^T x`` at a time, rewires, and frees it. Rewiring rewrites
+``values`` / ``idx`` / ``active_rows`` in place; ``values`` stays the same
+Parameter when ablation changes its shape (resized through ``.data``), and its
+gradient and optimizer state follow each weight (kept: theirs; grown: 0 with the
+dense gradient). The decisions, weights and moments equal masked-dense SRigL's
+on the same start (tested), except that a condensed attention's q/k/v projections
+are three layers with their own budgets where masked-dense SRigL ranks
+``in_proj_weight`` as one.
+
+Under DistributedDataParallel every rank sees the same averaged gradients and
+weights (condensed layers' dense gradients are averaged over the ranks too), and
+the updates are deterministic, so the ranks keep identical masks. DDP sizes its
+buckets once: rebuild it after a step whose ``updater.layout_changed`` is True
+(ablation resized some ``values``).
 """
 
 import functools
@@ -270,7 +295,8 @@ class SRigL:
 
     Args:
         model: the model to sparsify in place (weights outside the new masks are zeroed).
-        sparsity: global fraction of the allocated layers' weights to remove, in [0, 1).
+        sparsity: global fraction of the allocated layers' weights to remove, in [0, 1)
+            (condensed layers keep the density they have).
         t_end: the last step that may rewire is the last multiple of ``delta_t``
             below ``t_end`` (RigL stops updating at ~75% of training).
         delta_t: steps between mask updates.
@@ -286,10 +312,12 @@ class SRigL:
         ablation_exempt: layer names whose neurons are never ablated. None exempts
             the last allocated layer (in module order), whose neurons are usually
             the model's outputs.
-        optimizer: its state is zeroed where weights are dropped or grown, and a
-            post-step hook re-applies the masks after every ``optimizer.step()``.
+        optimizer: its state is zeroed where weights are dropped or grown (for a
+            condensed layer: follows each kept weight), and a post-step hook
+            re-applies the masks after every ``optimizer.step()``.
             Without one, call :meth:`apply_masks` after each optimizer step.
-        generator: draws the initial random masks (same seed, same masks).
+        generator: draws the initial random masks of the dense layers (same seed,
+            same masks: :func:`initial_masks`).
         group_size: rows per group (consecutive rows sharing one set of columns), for
             every sparsified layer, or ``{layer name: group size}`` (layers not named
             get 1). 1 is per-row SRigL.
