@@ -120,9 +120,17 @@ def assert_same_state(twins: Twins, step: int) -> None:
                 torch.testing.assert_close(scattered(condensed, condensed_state[key]), value.flatten(1), atol=2e-5, rtol=1e-3, msg=f"{key} at {where}")
 
 
-@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("group_size", [1, 4])
-@pytest.mark.parametrize("optimizer_kind", ["sgd_momentum", "adamw"])
+def _side_by_side_cases():
+    # The quick tier keeps two that between them cover every value.
+    quick = {("mlp", 1, "sgd_momentum"), ("cnn", 4, "adamw")}
+    for model_kind in ("mlp", "cnn"):
+        for group_size in (1, 4):
+            for optimizer_kind in ("sgd_momentum", "adamw"):
+                case = (model_kind, group_size, optimizer_kind)
+                yield case if case in quick else pytest.param(*case, marks=pytest.mark.slow(reason="one more combination"))
+
+
+@pytest.mark.parametrize("model_kind, group_size, optimizer_kind", list(_side_by_side_cases()))
 def test_condensed_training_takes_the_masked_dense_decisions(model_kind, group_size, optimizer_kind):
     # a higher threshold where whole groups of 4 channels must go (so some do)
     twins = Twins(model_kind, optimizer_kind, group_size, gamma_sal=0.8 if group_size > 1 else 0.5)
