@@ -257,3 +257,32 @@ def test_relayout_keeps_the_parameter_and_reports_where_each_weight_came_from():
         uneven = new_mask.clone()
         uneven[1, 9] = True
         layer.relayout(rows, uneven)
+
+
+def test_a_condensed_attention_trains_as_separate_projection_layers():
+    """condense splits an attention's in_proj_weight into q/k/v CondensedLinear layers;
+    SRigL drives each one (its own budget), and every layout stays what its mask says."""
+    from condensed_ops.srigl import _stored_rows_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True))
+    masks = initial_masks(model, 0.8, generator=torch.Generator().manual_seed(0))
+    condense(model, masks=masks, min_weights=0, max_density=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    updater = SRigL(model, 0.8, optimizer=optimizer, t_end=100, delta_t=5, gamma_sal=0.5)
+    assert sorted(updater.layers) == sorted(
+        f"0.{name}" for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2"))
+    start = {name: layer.mask.clone() for name, layer in updater.layers.items()}
+    for _ in range(40):
+        loss = model(torch.randn(4, 7, 32)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        updater.step()
+        optimizer.step()
+    for name, layer in updater.layers.items():
+        module = model.get_submodule(name)
+        assert not torch.equal(layer.mask, start[name]), f"{name} never rewired"
+        assert torch.equal(_stored_rows_mask(module), layer.mask), name
+        rows = layer.mask.sum(dim=1)
+        assert set(rows[~layer.ablated_neurons].tolist()) == {module.fan_in}, name
+        assert int(rows[layer.ablated_neurons].sum()) == 0, name
