@@ -95,9 +95,7 @@ def layer_pairs(twins: Twins) -> List[Tuple[str, nn.Module, nn.Module]]:
 def scattered(module, tensor: Tensor) -> Tensor:
     """A tensor in ``values``' layout (a moment, a gradient) scattered into the dense rows."""
     rows = torch.zeros(module.out_features, module.in_features, dtype=tensor.dtype)
-    from condensed_ops.srigl import _stored_positions
-
-    stored_rows, columns = _stored_positions(module)
+    stored_rows, columns = module.stored_positions()
     rows[stored_rows.expand_as(columns), columns] = tensor.reshape(columns.shape)
     return rows
 

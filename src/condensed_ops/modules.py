@@ -281,6 +281,15 @@ class CondensedLayer(nn.Module):
         if self.bias is not None and isinstance(bias, nn.Parameter):
             self.bias.requires_grad_(bias.requires_grad)
 
+    def stored_positions(self) -> Tuple[Tensor, Tensor]:
+        """Row ``[active, 1]`` and column ``[active, fan_in]`` (int64) of each stored
+        entry, in the order of ``values`` (a group's rows repeat its columns)."""
+        columns = self.idx.long()
+        if self.group_size > 1:
+            columns = columns.repeat_interleave(self.group_size, dim=0)
+        rows = self.active_rows if self.active_rows is not None else torch.arange(self.out_features, device=columns.device)
+        return rows[:, None], columns
+
     @torch.no_grad()
     def relayout(self, rows: Tensor, mask: Tensor) -> Tensor:
         """Store the dense rows ``rows [out_features, in_features]`` kept at ``mask``
@@ -294,9 +303,8 @@ class CondensedLayer(nn.Module):
         old ``values`` that held the same weight, or -1 for an entry that is new, so
         what is kept per entry (a gradient, optimizer moments) can follow it."""
         old_positions = torch.full((self.out_features, self.in_features), -1, dtype=torch.int64, device=rows.device)
-        held = torch.arange(1, self.values.numel() + 1, device=rows.device).view(self.values.shape)  # 0: not held
-        stored_rows = self.active_rows if self.active_rows is not None else torch.arange(self.out_features, device=rows.device)
-        old_positions[stored_rows] = _condensed_to_dense(held, self.idx, self.in_features).flatten(0, -2) - 1
+        stored_rows, stored_columns = self.stored_positions()
+        old_positions[stored_rows, stored_columns] = torch.arange(self.values.numel(), device=rows.device).view_as(stored_columns)
 
         plan = plan_rows(rows, mask, self.group_size)
         if plan.padded_entries:

@@ -258,19 +258,9 @@ def _rows_gradient(module: CondensedLayer, x: Tensor, grad_y: Tensor) -> Tensor:
     return grad_y.reshape(-1, module.out_features).to(dtype).T @ rows_x
 
 
-def _stored_positions(module: CondensedLayer) -> Tuple[Tensor, Tensor]:
-    """Row ``[active, 1]`` and column ``[active, fan_in]`` of each stored entry of a
-    condensed layer, in the order of its ``values``."""
-    columns = module.idx.long()
-    if module.group_size > 1:
-        columns = columns.repeat_interleave(module.group_size, dim=0)
-    rows = module.active_rows if module.active_rows is not None else torch.arange(module.out_features, device=columns.device)
-    return rows[:, None], columns
-
-
 def _stored_rows_mask(module: CondensedLayer) -> Tensor:
     """Bool ``[out, in]``: the entries a condensed layer stores."""
-    rows, columns = _stored_positions(module)
+    rows, columns = module.stored_positions()
     mask = torch.zeros(module.out_features, module.in_features, dtype=torch.bool, device=columns.device)
     mask[rows, columns] = True
     return mask
@@ -278,7 +268,7 @@ def _stored_rows_mask(module: CondensedLayer) -> Tensor:
 
 def _gather_stored(module: CondensedLayer, dense_rows: Tensor) -> Tensor:
     """``dense_rows [out, in]`` at a condensed layer's stored entries, in ``values``' shape."""
-    rows, columns = _stored_positions(module)
+    rows, columns = module.stored_positions()
     return dense_rows[rows, columns].view(module.values.shape)
 
 
