@@ -343,7 +343,8 @@ def test_a_neuron_with_too_few_salient_weights_is_ablated_and_the_fan_in_rises(g
 
 def test_ablation_keeps_enough_neurons_to_hold_the_budget():
     # 8 inputs at 50% density: fan-in 4, budget 40 * 4 = 160, so at least 160 / 8 =
-    # 20 neurons must stay for the fan-in to fit in 8 inputs.
+    # 20 neurons must stay for the fan-in to fit in 8 inputs; the reference rule keeps
+    # the neuron ranked 160 // 8 = 20 (0-based) too, and every one above it.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, CLASSES))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -355,8 +356,8 @@ def test_ablation_keeps_enough_neurons_to_hold_the_budget():
         updater.step()
         optimizer.step()
     layer = updater.layers["0"]
-    assert layer.active_neurons == 20
-    assert layer.fan_in == 8
+    assert layer.active_neurons == 21
+    assert layer.fan_in == 160 // 21
     assert not updater.layers["2"].ablated_neurons.any()  # the output layer is exempt by default
     check_layer_invariants(updater)
 
@@ -574,7 +575,7 @@ def test_the_fan_in_after_ablation_never_exceeds_the_budget(group_size):
                     optimizer=optimizer, group_size=group_size)
     layer = updater.layers["0"]
     data = torch.Generator().manual_seed(1)
-    fan_ins = set()
+    fan_ins = {layer.fan_in}
     for _ in range(30):
         optimizer.zero_grad()
         F.cross_entropy(model(torch.randn(8, 16, generator=data)), torch.randint(0, CLASSES, (8,), generator=data)).backward()
@@ -601,27 +602,52 @@ def test_state_dict_carries_the_group_size():
 
 
 def test_the_ablation_threshold_is_fixed_by_the_initial_fan_in():
-    # 4 neurons x 20 inputs at 50%: initial fan-in 10, budget 40. Neuron 0 was ablated,
-    # so the fan-in rose to 40 // 3 = 13. Neuron 1 holds 7 salient weights: at or above
-    # max(1, int(0.6 * 10)) = 6, so it stays, though 7 is below 0.6 of the current 13
+    # 6 neurons x 20 inputs at 50%: initial fan-in 10, budget 60. Neuron 0 was ablated,
+    # so the fan-in rose to 60 // 5 = 12. Neuron 1 holds 7 salient weights: at or above
+    # max(1, int(0.6 * 10)) = 6, so it stays, though 7 is below 0.6 of the current 12
     # (a threshold on the current fan-in would ablate it, and ablation would feed on itself).
-    model = nn.Sequential(nn.Linear(20, 4))
+    model = nn.Sequential(nn.Linear(20, 6))
     updater = SRigL(model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=0.6, density_method="uniform",
                     ablation_exempt=(), generator=torch.Generator().manual_seed(0))
     layer = updater.layers["0"]
-    assert layer.initial_fan_in == 10 and layer.budget == 40
-    mask = torch.zeros(4, 20, dtype=torch.bool)
-    mask[1:, :13] = True
-    layer.mask, layer.fan_in = mask, 13
-    layer.ablated_neurons = torch.tensor([True, False, False, False])
+    assert layer.initial_fan_in == 10 and layer.budget == 60
+    mask = torch.zeros(6, 20, dtype=torch.bool)
+    mask[1:, :12] = True
+    layer.mask, layer.fan_in = mask, 12
+    layer.ablated_neurons = torch.tensor([True] + [False] * 5)
     magnitude = torch.where(mask, 2.0, 0.0)
-    magnitude[1, 7:13] = 1e-3  # neuron 1: 7 large weights, 6 tiny
-    grad = torch.zeros(4, 20)
-    grad[2, 13:] = 1.0  # the 6 grown salient weights all go to neuron 2
-    # 6 drops: unstructured RigL keeps the top 33 |w| (neuron 1's tiny six go) and grows 6.
-    assert not updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=6).any()
+    magnitude[1, 7:12] = 1e-3  # neuron 1: 7 large weights, 5 tiny
+    grad = torch.zeros(6, 20)
+    grad[2, 12:17] = 1.0  # the layer's top 5 |grad| all lie in neuron 2
+    # 5 drops: the top 55 |w| stay (neuron 1's tiny five go), and the top 5 |grad| count.
+    assert not updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=5).any()
     updater.gamma_sal = 0.8  # int(0.8 * 10) = 8 > 7: now neuron 1 goes
-    assert updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=6).tolist() == [False, True, False, False]
+    assert updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=5).tolist() == [False, True] + [False] * 4
+
+
+def test_the_threshold_drops_to_keep_the_rows_the_budget_needs():
+    # The reference rule: the live neuron ranked budget // in_features (0-based, most
+    # salient first) bounds the threshold, so it and every neuron above it stay.
+    model = nn.Sequential(nn.Linear(20, 6))
+    updater = SRigL(model, 0.5, t_end=100, delta_t=1, alpha=0.4, gamma_sal=1.0, density_method="uniform",
+                    ablation_exempt=(), generator=torch.Generator().manual_seed(0))
+    layer = updater.layers["0"]
+    mask = torch.zeros(6, 20, dtype=torch.bool)
+    mask[:, :10] = True
+    layer.mask = mask
+    magnitude = torch.where(mask, 2.0, 0.0)
+    for neuron, tiny in enumerate([0, 1, 2, 3, 3, 4]):  # salient counts 10, 9, 8, 7, 7, 6
+        magnitude[neuron, 10 - tiny:10] = 1e-3
+    grad = torch.zeros(6, 20)
+    # 13 drops leave the 47 large |w|; the top 13 |grad| land on active weights, so add none.
+    grad[0, :10] = grad[1, :3] = 1.0
+    # Threshold 10 would ablate five; 60 // 20 = 3 bounds it by the count of the neuron
+    # ranked 3 (7, tied): the two 7s and everything above stay.
+    assert updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=13).tolist() == [False] * 5 + [True]
+    updater.gamma_sal = 0.75  # threshold int(0.75 * 10) = 7 binds first: the same one goes
+    assert updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=13).tolist() == [False] * 5 + [True]
+    updater.gamma_sal = 0.65  # threshold 6: nothing below it
+    assert not updater._groups_to_ablate(layer, mask, magnitude, grad, weight_drops=13).any()
 
 
 @pytest.mark.parametrize("seed", range(6))

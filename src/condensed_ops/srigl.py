@@ -545,7 +545,10 @@ class SRigL:
         # would drop under the same rule.
         active_weights = layer.active_neurons * fan_in
         if self.drop_rule == "layer":
-            weight_drops = int(active_weights * drop_fraction)
+            # As the reference code: int(drop_fraction * n), and at least every weight
+            # at exactly 0 (one grown where no gradient ever reached stays 0); the
+            # weights outside the mask are 0, so counting nonzeros counts active ones.
+            weight_drops = max(int(active_weights * drop_fraction), active_weights - int(torch.count_nonzero(magnitude)))
         else:
             weight_drops = layer.active_neurons * min(round(drop_fraction * fan_in), in_features - fan_in)
         ablated_groups = layer.ablated_neurons[::group_size]
@@ -567,9 +570,12 @@ class SRigL:
         active_pairs = group_mask & live[:, None]
         drop_score = torch.where(active_pairs, drop_values, minus_inf)
         if self.drop_rule == "layer":
-            # The reference rule: the layer's top (n - int(drop_fraction * n)) pairs stay.
-            pairs = int(torch.count_nonzero(active_pairs))
-            kept_per_group = _top_overall(drop_values, pairs - int(pairs * drop_fraction), among=active_pairs)
+            # The reference rule: of the n pairs held before this update, the layer's
+            # top n - int(drop_fraction * n) stay — all in live groups, so the weights
+            # of groups ablated now are kept elsewhere, not regrown.
+            pairs = int(torch.count_nonzero(group_mask))  # an ablated group holds none
+            kept = min(pairs - int(pairs * drop_fraction), int(torch.count_nonzero(drop_score > 0)))
+            kept_per_group = _top_overall(drop_values, kept, among=active_pairs)
             kept_per_group = _count(kept_per_group, dim=1)
         else:
             kept_per_group = torch.full((groups,), fan_in - round(drop_fraction * fan_in), device=mask.device)
@@ -615,31 +621,34 @@ class SRigL:
     def _groups_to_ablate(
         self, layer: SparseLayer, mask: Tensor, magnitude: Tensor, grad_magnitude: Tensor, weight_drops: int
     ) -> Tensor:
-        """Bool ``[groups]``: live groups of ``r`` rows with fewer than ``r * max(1,
-        int(gamma_sal * initial_fan_in))`` salient weights.
+        """Bool ``[groups]``: live groups with fewer salient weights per row than the
+        threshold ``max(1, int(gamma_sal * initial_fan_in))``.
 
-        Salient weights are those unstructured RigL would hold after this step: the
-        layer's top ``|w|`` among its active weights, less ``weight_drops``, plus as
-        many top ``|grad|`` among the inactive weights of active neurons.
+        Salient weights (the reference code's definition): the layer's top ``|w|``
+        among its active weights, less ``weight_drops``, together with the top
+        ``weight_drops`` ``|grad|`` anywhere in the layer. The threshold drops to the
+        salient count of the row ranked ``budget // in_features`` (0-based, most salient
+        first) when that is lower, so that row and every one above it stay: enough
+        rows to hold the budget at a fan-in of at most ``in_features``.
         """
         row_groups, groups, group_size = layer.row_groups, layer.groups, layer.group_size
-        active_rows = ~layer.ablated_neurons
-        live = active_rows[::group_size]
+        live = ~layer.ablated_neurons[::group_size]
         rows_per_group = torch.bincount(row_groups, minlength=groups)
         kept = layer.active_neurons * layer.fan_in - weight_drops
-        salient = _top_overall(magnitude, kept, among=mask)
-        salient |= _top_overall(grad_magnitude, weight_drops, among=~mask & active_rows[:, None])
+        salient = _top_overall(magnitude, kept, among=mask) | _top_overall(grad_magnitude, weight_drops)
         salient_per_row = _sum_over_groups(_count(salient, dim=1), row_groups, groups) / rows_per_group
-        candidates = live & (salient_per_row < max(1, int(self.gamma_sal * layer.initial_fan_in)))
+        threshold = float(max(1, int(self.gamma_sal * layer.initial_fan_in)))
 
-        # Keep enough rows to hold the budget at fan-in <= in_features (and at least
-        # one); past that, the groups with the fewest salient weights per row go first.
-        fewest_rows = max(1, math.ceil(layer.budget / layer.in_features))
-        most_rows_to_ablate = max(0, layer.active_neurons - fewest_rows)
-        order = torch.sort(torch.where(candidates, salient_per_row, math.inf), stable=True).indices
-        rows_so_far = torch.cumsum(torch.where(candidates, rows_per_group, 0)[order], dim=0)
-        chosen = candidates[order] & (rows_so_far <= most_rows_to_ablate)
-        return torch.zeros_like(candidates).scatter_(0, order, chosen)
+        # The live rows, most salient first (a group's rows share its count): the one
+        # ranked rows_to_keep - 1 bounds the threshold.
+        rows_to_keep = layer.budget // layer.in_features + 1
+        order = torch.sort(torch.where(live, salient_per_row, -math.inf), descending=True, stable=True).indices
+        rows_so_far = torch.cumsum(torch.where(live, rows_per_group, 0)[order], dim=0)
+        bounding = int(torch.searchsorted(rows_so_far, rows_to_keep))
+        if bounding >= groups:
+            return torch.zeros_like(live)  # every live row is needed to hold the budget
+        threshold = min(threshold, float(salient_per_row[order[bounding]]))
+        return live & (salient_per_row < threshold)
 
     def _reset_optimizer_state(self, weight: Tensor, changed: Tensor) -> None:
         # Momentum or Adam moments left at a dropped or grown position would move
