@@ -295,8 +295,12 @@ class SRigL:
         gamma_sal: a neuron with fewer than ``max(1, int(gamma_sal * F))`` salient
             weights is ablated, ``F`` the layer's initial fan-in (a fixed threshold, as
             in the reference code: one taken from the current fan-in would rise as
-            neurons are ablated and feed on itself); 0 turns ablation off. A group of
-            ``r`` rows is ablated as one, when it holds fewer than ``r`` times that.
+            neurons are ablated and feed on itself); 0 turns ablation off. Salient: the
+            layer's top ``|w|`` less this update's drops, and its top ``|grad|`` as many
+            as the drops. The threshold falls to the count of the live neuron ranked
+            ``budget // in_features`` when that is lower, so enough neurons stay to hold
+            the budget. A group of ``r`` rows is ablated as one, when it holds fewer
+            than ``r`` times that per row.
         density_method: ``"erk"`` or ``"uniform"`` (see :func:`layer_densities`).
         exclude: layer names left dense and untouched.
         ablation_exempt: layer names whose neurons are never ablated. None exempts
@@ -312,15 +316,22 @@ class SRigL:
             every sparsified layer, or ``{layer name: group size}`` (layers not named
             get 1). 1 is per-row SRigL.
         drop_rule: ``"layer"`` (the paper's reference code): drop
-            ``int(drop_fraction * n)`` of the layer's ``n`` active (group, column) pairs,
-            those with the lowest scores over the whole layer, then cut each group to
-            the fan-in and regrow it back to the fan-in. ``"neuron"``: every group
+            ``int(drop_fraction * n)`` of the layer's ``n`` active (group, column) pairs
+            (and every pair whose weights are exactly 0), those with the lowest scores
+            over the whole layer, then cut each group to the fan-in and regrow it back to
+            the fan-in; the pairs of groups ablated in the update count in ``n``, so
+            their share is kept in the live groups. ``"neuron"``: every group
             drops ``round(drop_fraction * fan_in)`` of its own columns; a layer with a
             small fan-in then stops rewiring once that rounds to 0.
 
-    Unlike the reference code, the optimizer's elementwise state (momentum, Adam's
-    moments) is zeroed where a weight is dropped or grown, so a grown weight starts
-    from 0 with fresh moments.
+    Per row (``group_size=1``) the decisions are the reference code's
+    (calgaryml/condensed-sparsity), held to an independent restatement of its rules in
+    ``tests/test_srigl_reference.py``, but for what is chosen here: ablation is
+    permanent (there neurons revive), a group grows only at columns it did not hold
+    before the update (there a just-dropped weight may regrow), the initial fan-in is
+    rounded (floored there), and the optimizer's elementwise state (momentum, Adam's
+    moments) is zeroed where a weight is dropped or grown, so a grown weight starts from
+    0 with fresh moments. ``docs/accuracy.md`` measures each.
     """
 
     def __init__(
