@@ -719,3 +719,51 @@ def test_condensed_model_scripts():
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+
+
+# ---- .weight: what model code reads of the replaced layer -------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(24, 10),
+    lambda: nn.Conv2d(3, 8, (3, 2)),
+])
+def test_weight_answers_the_replaced_modules_metadata_and_builds_values_on_use(make):
+    torch.manual_seed(0)
+    dense = make().double()
+    rows = dense.weight.detach().flatten(1)
+    _sparsify(dense, constant_fan_in_mask(rows.shape[0], rows.shape[1], 4).view(dense.weight.shape))
+    condensed = (CondensedLinear.from_linear if isinstance(dense, nn.Linear) else CondensedConv2d.from_conv2d)(dense)
+    weight = condensed.weight
+    assert (weight.shape, weight.dtype, weight.device, weight.requires_grad) == (
+        dense.weight.shape, dense.weight.dtype, dense.weight.device, True
+    )
+    assert weight.size(0) == weight.shape[0] and weight.dim() == dense.weight.dim() and weight.numel() == dense.weight.numel()
+    torch.testing.assert_close(weight.dense(), dense.weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(weight + 0, dense.weight.detach(), rtol=0, atol=0)  # operators
+    torch.testing.assert_close(weight.sum(), dense.weight.sum().detach())  # Tensor methods
+    x = torch.randn(5, dense.weight.shape[1], dtype=torch.float64) if isinstance(dense, nn.Linear) else None
+    if x is not None:
+        y = F.linear(x, weight)  # torch functions take it; the gradient reaches values
+        y.sum().backward()
+        assert condensed.values.grad is not None and condensed.values.grad.abs().sum() > 0
+
+
+def test_writes_through_weight_raise_naming_the_module():
+    condensed = CondensedLinear(16, 8, 4)
+    for write in (
+        lambda w: nn.init.normal_(w),
+        lambda w: w.mul_(2),
+        lambda w: w.data.zero_(),
+        lambda w: w.copy_(torch.zeros(8, 16)),
+    ):
+        with pytest.raises(RuntimeError, match=r"CondensedLinear\(out=8, in=16, fan_in=4\).*write its `values`"):
+            write(condensed.weight)
+    assert "DenseWeightView(shape=[8, 16]" in repr(condensed.weight)
+
+
+def test_modules_with_weight_still_script():
+    model = nn.Sequential(CondensedLinear(16, 8, 4), nn.ReLU(), CondensedLinear(8, 4, 2))
+    scripted = torch.jit.script(model)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(scripted(x), model(x))

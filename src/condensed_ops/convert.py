@@ -18,6 +18,7 @@ from .attention import (
     projection_masks,
 )
 from .masks import _attention_projections as _attention_projection_names
+from .masks import is_transformers_conv1d
 from .layout import RowPlan, plan_rows
 from .modules import CondensedConv2d, CondensedLayer, CondensedLinear, _explicit_padding, _format_bytes, conv2d_unsupported_reason
 
@@ -28,7 +29,7 @@ class ConvertedLayer:
 
     Attributes:
         name: its name in the model (the first, when the same module sits at several).
-        kind: ``"Linear"`` or ``"Conv2d"``.
+        kind: ``"Linear"``, ``"Conv2d"`` or ``"Conv1D"`` (transformers' transposed Linear).
         out_features, in_features: the weight's rows and columns (a conv's columns
             are ``in_channels * kh * kw``).
         fan_in: entries stored per active neuron.
@@ -56,7 +57,9 @@ class ConvertedLayer:
 
 @dataclass(frozen=True)
 class SkippedLayer:
-    """A Linear / Conv2d left as it was, and why."""
+    """A layer left as it was, and why: a Linear / Conv2d / Conv1D / MultiheadAttention
+    that does not gain or cannot be swapped, or any other module holding a weight
+    (``kind`` its class) that condense does not convert."""
 
     name: str
     kind: str
@@ -92,7 +95,7 @@ class CondenseReport:
     def __str__(self) -> str:
         total = len(self.converted) + len(self.skipped)
         dense, condensed = self.dense_bytes(), self.condensed_bytes()
-        lines = [f"condense: converted {len(self.converted)} of {total} Linear/Conv2d layers"]
+        lines = [f"condense: converted {len(self.converted)} of {total} layers with weights"]
         if self.converted:
             lines[0] += f", {_format_bytes(dense)} -> {_format_bytes(condensed)} ({100 * condensed / max(dense, 1):.1f}%)"
             rows = [
@@ -126,9 +129,39 @@ def _display_name(name: str) -> str:
     return name if name else "(model)"
 
 
+def _is_layer(module: nn.Module) -> bool:
+    """A Linear, Conv2d or transformers Conv1D, subclasses included (reported, not converted)."""
+    return isinstance(module, _CONVERTIBLE_TYPES) or is_transformers_conv1d(module)
+
+
+def _kind(module: nn.Module) -> str:
+    return "Conv1D" if is_transformers_conv1d(module) else "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+
+
+def _rows_weight(module: nn.Module) -> Tensor:
+    """The layer's weight as rows ``[out, in, ...]`` (a Conv1D stores it ``[in, out]``)."""
+    return module.weight.t() if is_transformers_conv1d(module) else module.weight
+
+
+def _unhandled_reason(module: nn.Module) -> Optional[str]:
+    """Why a module that is not a layer condense converts, but holds a weight of its
+    own (a parameter of 2 or more dims), stays as it is; None for one holding none."""
+    held = [name for name, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if not held:
+        return None
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "a lookup table: it reads rows of its weight, it does not multiply by it"
+    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return "only nn.Conv2d convolutions (groups=1) are condensed"
+    return (
+        f"not a layer type condense converts (nn.Linear, nn.Conv2d, nn.MultiheadAttention, transformers Conv1D); "
+        f"holds {', '.join(held)}"
+    )
+
+
 def _skip_reason(name: str, module: nn.Module, shared_parameters: Mapping[int, int]) -> Optional[str]:
-    """Why the Linear / Conv2d ``module`` cannot be swapped regardless of its weights, or None."""
-    if type(module) not in _CONVERTIBLE_TYPES:
+    """Why the Linear / Conv2d / Conv1D ``module`` cannot be swapped regardless of its weights, or None."""
+    if type(module) not in _CONVERTIBLE_TYPES and not is_transformers_conv1d(module):
         return f"a subclass ({type(module).__name__}) may behave differently or have its weight read by its owner"
     reason = _swap_blocker(name, module, shared_parameters)
     if reason is None and isinstance(module, nn.Conv2d):
@@ -180,12 +213,14 @@ def condense(
     inplace: bool = True,
     group_size: Union[int, Mapping[str, int]] = 1,
 ) -> CondenseReport:
-    """Replace every eligible ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a
-    :class:`CondensedLinear` / :class:`CondensedConv2d` computing the same function.
+    """Replace every eligible ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention``
+    and transformers ``Conv1D`` (GPT-2's transposed Linear) of ``model`` by a
+    :class:`CondensedLinear` / :class:`CondensedConv2d` / :class:`CondensedMultiheadAttention`
+    computing the same function.
 
-    A layer's kept weights are ``masks[name]`` (e.g. an SRigL mask) or, without
-    one, its nonzeros. A layer is left as it is, and listed in ``report.skipped``
-    with the reason, when it is:
+    A layer's kept weights are ``masks[name]`` (e.g. an SRigL mask, in the weight's
+    shape: ``[in, out]`` for a Conv1D) or, without one, its nonzeros. A layer is left as
+    it is, and listed in ``report.skipped`` with the reason, when it is:
 
     - too dense to gain: stored density (padding included) above ``max_density``.
       At density ``d`` a float32 layer with int16 indices stores ``6d`` bytes per
@@ -203,6 +238,9 @@ def condense(
       padding that would be uneven;
     - the model itself, a subclass of Linear / Conv2d, a layer with hooks, or one
       whose parameters are shared with another module (the swap would break them).
+
+    Every other module that holds a weight of its own (an ``nn.Embedding``, an
+    ``nn.Conv1d``, a model's position embeddings...) is listed there too, with why.
 
     A module reachable under several names is converted once and replaced at every one.
     Condense before wrapping the model in DistributedDataParallel or FSDP (a wrapped
@@ -262,24 +300,30 @@ def condense(
                 replacements.append((names, swapped))
                 inside_converted.append(name)
             continue
-        if not isinstance(module, _CONVERTIBLE_TYPES):
+        if not _is_layer(module):
+            unhandled = None if isinstance(module, (CondensedLayer, CondensedMultiheadAttention)) else _unhandled_reason(module)
+            if unhandled is not None:
+                report.skipped.append(SkippedLayer(_display_name(name), type(module).__name__, unhandled))
             continue
-        kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+        kind = _kind(module)
         reason = _skip_reason(name, module, shared_parameters)
         mask = next((masks[n] for n in names if n in masks), None)
+        if mask is not None and kind == "Conv1D":
+            mask = mask.t()
         plan: Optional[RowPlan] = None
         if reason is None:
             g = next((group_sizes[n] for n in names if n in group_sizes), 1) if group_sizes else int(group_size)  # type: ignore[arg-type]
-            plan = _grouped_plan(module.weight, mask, g, thresholds.max_padding)
+            plan = _grouped_plan(_rows_weight(module), mask, g, thresholds.max_padding)
             reason = thresholds.reason_to_skip(plan, kind)
         if reason is not None:
             report.skipped.append(SkippedLayer(_display_name(name), kind, reason))
             continue
         assert plan is not None
-        if isinstance(module, nn.Linear):
-            condensed: CondensedLayer = CondensedLinear._from_plan(module.weight, module.bias, plan, index_dtype)
+        if isinstance(module, nn.Conv2d):
+            condensed: CondensedLayer = CondensedConv2d._from_plan(module, plan, index_dtype)
         else:
-            condensed = CondensedConv2d._from_plan(module, plan, index_dtype)
+            condensed = CondensedLinear._from_plan(_rows_weight(module), module.bias, plan, index_dtype)
+            condensed.transposed_weight = kind == "Conv1D"
         condensed.train(module.training)
         replacements.append((names, condensed))
         report.converted.append(_converted(name, kind, plan, module.parameters(recurse=False), condensed))
@@ -309,7 +353,7 @@ class _Thresholds:
 
     def reason_to_skip(self, plan: RowPlan, kind: str) -> Optional[str]:
         weights = plan.out_features * plan.in_features
-        if kind == "Linear" and weights < self.min_weights:
+        if kind != "Conv2d" and weights < self.min_weights:
             return f"too small to gain at batch 1: {weights} weights < min_weights {self.min_weights}"
         if plan.density > self.max_density:
             return f"too dense to gain: density {plan.density:.3f} > max_density {self.max_density}"
@@ -424,20 +468,25 @@ def _leave_dense_fast_paths(model: nn.Module) -> None:
 def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> nn.Module:
     """Load a condensed model's ``state_dict`` into ``model`` built the ordinary way.
 
-    Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` whose weight the checkpoint
+    Every ``nn.Linear`` / ``nn.Conv2d`` / transformers ``Conv1D`` of ``model`` whose weight the checkpoint
     holds condensed (``<name>.values``, ``<name>.idx`` and, with ablated neurons,
     ``<name>.active_rows``) is replaced by a :class:`CondensedLinear` /
     :class:`CondensedConv2d` of the same shape, sized from the checkpoint; then
     ``model.load_state_dict(state_dict, strict)`` fills everything (and checks
-    the condensed layouts: a bad index, dtype or shape raises naming its key).
-    Works with ``torch.load(path)``'s default ``weights_only=True``::
+    the condensed layouts: a bad index, dtype or shape raises naming its key). With
+    ``strict``, a key the model has but the checkpoint does not is accepted only when
+    it is tied to one the checkpoint holds (a tied weight saved once, as
+    ``save_pretrained`` and ``safetensors.torch.save_model`` do). Works with
+    ``torch.load(path)``'s default ``weights_only=True`` and with safetensors::
 
         model = make_model()                                  # dense architecture
         condensed_ops.load_condensed(model, torch.load("condensed.pt"))
+        condensed_ops.load_condensed(model, safetensors.torch.load_file("model.safetensors"))
 
     Returns ``model``, changed in place.
     """
     _refuse_distributed_wrappers(model, "load_condensed")
+    state_dict = _in_the_models_key_names(model, state_dict)
     # Attention modules first: their projections are layers only once swapped.
     for name, attention in list(model.named_modules()):
         if not isinstance(attention, nn.MultiheadAttention):
@@ -461,17 +510,65 @@ def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: b
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"load_condensed: the checkpoint condenses {name!r}, which the model does not have") from None
+            raise ValueError(
+                f"load_condensed: the checkpoint condenses {name!r}, which the model does not have (a transformers "
+                "checkpoint in another key format: save it with save_pretrained(..., save_original_format=False))"
+            ) from None
         if isinstance(module, CondensedLayer):
             continue  # already condensed: its load takes the sizes
-        if type(module) not in _CONVERTIBLE_TYPES:
-            raise ValueError(f"load_condensed: {name!r} is a {type(module).__name__}, not an nn.Linear or nn.Conv2d")
-        condensed = _condensed_blank(name, state_dict, module, module.weight.dtype)
+        if type(module) not in _CONVERTIBLE_TYPES and not is_transformers_conv1d(module):
+            raise ValueError(
+                f"load_condensed: {name!r} is a {type(module).__name__}, not an nn.Linear, nn.Conv2d or transformers Conv1D"
+            )
+        like = nn.Linear(*module.weight.shape, module.bias is not None, device="meta") if is_transformers_conv1d(module) else module
+        condensed = _condensed_blank(name, state_dict, like, module.weight.dtype)
+        if isinstance(condensed, CondensedLinear):
+            condensed.transposed_weight = like is not module
         condensed.train(module.training)
         _swap(model, name, condensed)
     _leave_dense_fast_paths(model)
-    model.load_state_dict(state_dict, strict=strict)
+    result = model.load_state_dict(state_dict, strict=False)
+    if strict:
+        missing = [key for key in result.missing_keys if not _tied_to_a_loaded_key(model, key, state_dict)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"load_condensed: the checkpoint does not fit {type(model).__name__}: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}"
+            )
     return model
+
+
+def _in_the_models_key_names(model: nn.Module, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """A transformers model's ``save_pretrained`` writes some architectures' keys in
+    their original checkpoint format (e.g. ViT's ``attention.attention.key``), which
+    ``from_pretrained`` renames back: rename them the same way (transformers' own
+    renamings, read from its conversion mapping; any other model is left as it is)."""
+    if not type(model).__module__.startswith("transformers.") or all(key in dict(model.state_dict()) for key in state_dict):
+        return state_dict
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception:  # another transformers version, without this machinery: keep the keys
+        return state_dict
+
+    def rename(key: str) -> str:
+        for renaming in renamings:
+            key = renaming.rename_source_key(key)[0]
+        return key
+
+    return {rename(key): value for key, value in state_dict.items()}
+
+
+def _tied_to_a_loaded_key(model: nn.Module, key: str, state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether ``key`` names a parameter tied to one the checkpoint holds under another
+    name (``save_pretrained`` and ``safetensors.torch.save_model`` keep one name of a
+    tied weight, e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``)."""
+    names_of: Dict[int, List[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names_of.setdefault(id(tensor), []).append(name)
+    return any(key in names and any(other in state_dict for other in names if other != key) for names in names_of.values())
 
 
 __all__ = ["CondenseReport", "ConvertedLayer", "SkippedLayer", "condense", "load_condensed"]

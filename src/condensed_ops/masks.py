@@ -3,12 +3,13 @@ allocation that sizes them.
 
 Pure PyTorch: nothing here needs the compiled extension. A mask is a bool tensor
 in its weight's shape; a conv weight ``[C_out, C_in, kh, kw]`` counts its fan-in
-over ``C_in * kh * kw`` (its rows are ``weight.flatten(1)``).
+over ``C_in * kh * kw`` (its rows are ``weight.flatten(1)``), a transformers
+``Conv1D`` weight ``[in, out]`` over its columns.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Collection, Dict, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,9 +77,18 @@ def grouped_fan_in_mask(
 # ---- per-layer density allocation ----------------------------------------------
 
 
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (the GPT-2 family's layers): a Linear whose weight is
+    stored transposed, ``[in, out]`` (``y = x @ weight + bias``). Found by its class,
+    so transformers is never imported; subclasses are not it."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 def is_sparsifiable(module: nn.Module) -> bool:
-    """Layers whose weight gets a constant fan-in mask: Linear, and Conv2d with groups=1."""
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    """Layers whose weight gets a constant fan-in mask: Linear, Conv2d with groups=1, and
+    transformers' ``Conv1D`` (its mask, like its weight, is ``[in, out]``)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1) or is_transformers_conv1d(module)
 
 
 def sparsifiable_layers(model: nn.Module, exclude: Collection[str] = ()) -> Dict[str, nn.Module]:
@@ -104,6 +114,11 @@ def _attention_projections(model: nn.Module) -> Dict[str, nn.Parameter]:
             if isinstance(weight, nn.Parameter):
                 found[prefix + attribute] = weight
     return found
+
+
+def transposed_layers(model: nn.Module) -> Set[str]:
+    """Names of the layers whose weight holds its neurons as columns (transformers ``Conv1D``)."""
+    return {name for name, module in model.named_modules() if is_transformers_conv1d(module)}
 
 
 def sparsifiable_weights(model: nn.Module, exclude: Collection[str] = ()) -> Dict[str, nn.Parameter]:
@@ -213,6 +228,26 @@ def magnitude_prune_to_fan_in(weight: Tensor, fan_in: int) -> Tensor:
     return mask.scatter_(1, order[:, :fan_in], True).view(weight.shape)
 
 
+def magnitude_masks(
+    model: nn.Module, sparsity: float, *, density_method: str = "uniform", exclude: Collection[str] = ()
+) -> Dict[str, Tensor]:
+    """``{layer name: bool mask in the weight's shape}`` keeping every neuron's largest
+    ``|w|`` at a constant fan-in: one-shot magnitude pruning of a trained (or random)
+    ``model`` to the layout :func:`~condensed_ops.condense` stores. Every sparsifiable
+    layer (:func:`sparsifiable_weights`) gets its :func:`layer_densities` share of
+    ``1 - sparsity`` (``"uniform"``: the same density everywhere). The weights are not
+    changed; ``condense(model, masks=...)`` keeps what the masks keep."""
+    weights = sparsifiable_weights(model, exclude)
+    densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
+    transposed = transposed_layers(model)
+    masks = {}
+    for name, weight in weights.items():
+        rows = weight.t() if name in transposed else weight
+        mask = magnitude_prune_to_fan_in(rows, fan_in_for_density(densities[name], rows[0].numel()))
+        masks[name] = mask.t() if name in transposed else mask
+    return masks
+
+
 @dataclass(frozen=True)
 class PaddingReport:
     """What :func:`pad_to_constant_fan_in` added.
@@ -287,10 +322,12 @@ __all__ = [
     "grouped_fan_in_mask",
     "is_sparsifiable",
     "layer_densities",
+    "magnitude_masks",
     "magnitude_prune_to_fan_in",
     "pad_to_constant_fan_in",
     "sparsifiable_layers",
     "sparsifiable_weights",
+    "transposed_layers",
 ]
 
 

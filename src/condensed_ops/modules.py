@@ -39,6 +39,7 @@ from .checkpoint import layout_problems
 from .layout import RowPlan, check_index_dtype, default_index_dtype, index_storage, index_view, plan_rows, to_condensed
 from .layout import to_dense as _condensed_to_dense
 from .ops import WINDOW_MAX_BATCH, condensed_layer
+from .weight_view import DenseWeightView
 
 _IntPair = Union[int, Tuple[int, int]]
 
@@ -94,6 +95,9 @@ class CondensedLayer(nn.Module):
             They are trainable like every stored entry.
         inference_layout: run CPU inference on up to ``window_max_batch`` rows from
             the cached window layout (see the module docstring); True by default.
+        weight: a :class:`~condensed_ops.weight_view.DenseWeightView` for model code
+            that reads the replaced module's ``weight``: its dtype, device and shape
+            at no cost, its values built on use (``dense_weight()``).
     """
 
     in_features: int
@@ -105,6 +109,7 @@ class CondensedLayer(nn.Module):
     window_max_batch: int
     group_size: int
     __jit_ignored_attributes__ = ["idx"]
+    __jit_unused_properties__ = ["weight"]
 
     def __init__(
         self,
@@ -229,6 +234,8 @@ class CondensedLayer(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("group_size", 1)  # pickled before grouped layouts existed
+        if isinstance(self, CondensedLinear):
+            self.__dict__.setdefault("transposed_weight", False)  # pickled before Conv1D conversion
         self.idx = index_view(self.idx_storage, self._idx_shape())
 
     @torch.no_grad()
@@ -363,6 +370,22 @@ class CondensedLayer(nn.Module):
         dense = active_dense.new_zeros(self.out_features, self.in_features)
         return dense.index_copy(0, self.active_rows, active_dense)
 
+    @property
+    def weight(self) -> DenseWeightView:
+        return DenseWeightView(self)
+
+    def dense_weight_shape(self) -> torch.Size:
+        """The shape of the replaced module's weight (what ``weight.shape`` answers)."""
+        return torch.Size([self.out_features, self.in_features])
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight in the replaced module's shape (``to_dense()``'s, or its
+        transpose for a transformers ``Conv1D``)."""
+        return self._dense_rows()
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}(out={self.out_features}, in={self.in_features}, fan_in={self.fan_in})"
+
     def storage_bytes(self) -> int:
         """Bytes of the state dict: values, idx, bias and active_rows. (With ablated
         rows, the derived ablated_rows and output_order add ``8 * (out_features +
@@ -394,7 +417,12 @@ class CondensedLinear(CondensedLayer):
     constructor makes a random static-sparse layer of the given shape, which is also
     the blank to ``load_state_dict`` into (``active_neurons`` fixes the stored rows;
     None stores all ``out_features``).
+
+    ``transposed_weight`` is True for one that replaced a transformers ``Conv1D`` (a
+    Linear whose weight is stored ``[in, out]``): its ``weight`` answers that shape.
     """
+
+    transposed_weight: bool
 
     def __init__(
         self,
@@ -410,6 +438,7 @@ class CondensedLinear(CondensedLayer):
         group_size: int = 1,
     ) -> None:
         super().__init__(in_features, out_features, fan_in, bias, active_neurons, index_dtype, device, dtype, group_size)
+        self.transposed_weight = False
 
     @classmethod
     def from_dense(
@@ -469,6 +498,13 @@ class CondensedLinear(CondensedLayer):
     def to_dense(self) -> Tensor:
         """The equivalent dense weight ``[out_features, in_features]``."""
         return self._dense_rows()
+
+    def dense_weight_shape(self) -> torch.Size:
+        shape = [self.in_features, self.out_features] if self.transposed_weight else [self.out_features, self.in_features]
+        return torch.Size(shape)
+
+    def dense_weight(self) -> Tensor:
+        return self._dense_rows().t() if self.transposed_weight else self._dense_rows()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + self._storage_repr()
@@ -590,7 +626,13 @@ class CondensedConv2d(CondensedLayer):
 
     def to_dense(self) -> Tensor:
         """The equivalent dense weight ``[out_channels, in_channels, kh, kw]``."""
-        return self._dense_rows().view(self.out_channels, self.in_channels, self.kernel_size[0], self.kernel_size[1])
+        return self._dense_rows().view(self.dense_weight_shape())
+
+    def dense_weight_shape(self) -> torch.Size:
+        return torch.Size([self.out_channels, self.in_channels, self.kernel_size[0], self.kernel_size[1]])
+
+    def dense_weight(self) -> Tensor:
+        return self.to_dense()
 
     def extra_repr(self) -> str:
         return (

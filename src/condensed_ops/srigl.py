@@ -65,7 +65,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import fan_in_for_density, grouped_fan_in_mask, layer_densities, sparsifiable_layers, sparsifiable_weights
+from .masks import (
+    fan_in_for_density,
+    grouped_fan_in_mask,
+    is_transformers_conv1d,
+    layer_densities,
+    sparsifiable_layers,
+    sparsifiable_weights,
+    transposed_layers,
+)
 from .modules import CondensedConv2d, CondensedLayer
 
 DROP_RULES = ("layer", "neuron")
@@ -80,8 +88,8 @@ class SparseLayer:
             for a condensed layer its ``values``.
         module: the ``nn.Linear`` / ``nn.Conv2d`` / condensed layer it belongs to, or
             None for an ``nn.MultiheadAttention`` input projection (a bare parameter).
-        mask: bool, the weight's shape (a condensed layer's: its rows ``[out, in]``);
-            True where a weight is active.
+        mask: bool, the weight's shape (a condensed layer's: its rows ``[out, in]``;
+            a transformers ``Conv1D``'s: ``[in, out]``); True where a weight is active.
         fan_in: active weights per active neuron (row of ``weight.flatten(1)``).
         ablated_neurons: bool ``[out]``; an ablated neuron has no weights for good
             (its output is its bias). With ``group_size > 1`` whole groups are ablated.
@@ -91,6 +99,7 @@ class SparseLayer:
         ablation_allowed: False for layers exempt from neuron ablation.
         group_size: rows ``G * group_size`` to ``G * group_size + group_size - 1``
             share one set of columns (the last group may be partial).
+        transposed: the weight stores the rows as columns, ``[in, out]`` (transformers' ``Conv1D``).
     """
 
     weight: nn.Parameter
@@ -101,6 +110,15 @@ class SparseLayer:
     budget: int
     ablation_allowed: bool
     group_size: int = 1
+    transposed: bool = False
+
+    def rows_of(self, t: Tensor) -> Tensor:
+        """``t``, in the weight's shape, as the layer's rows ``[out, in]`` (a view)."""
+        return t.t() if self.transposed else t.reshape(t.shape[0], -1)
+
+    def weight_shaped(self, rows: Tensor) -> Tensor:
+        """The rows ``[out, in]`` in the weight's shape (the inverse of :meth:`rows_of`)."""
+        return rows.t().contiguous() if self.transposed else rows.reshape(self.mask.shape)
 
     @property
     def is_condensed(self) -> bool:
@@ -110,12 +128,16 @@ class SparseLayer:
     @property
     def initial_fan_in(self) -> int:
         """The fan-in the layer started with (``budget // out``): the base of the ablation threshold."""
-        return self.budget // self.mask.shape[0]
+        return self.budget // self.out_features
 
     @property
     def in_features(self) -> int:
         """Inputs per neuron: ``in_features`` or ``C_in * kh * kw``."""
-        return self.mask[0].numel()
+        return self.mask.numel() // self.out_features
+
+    @property
+    def out_features(self) -> int:
+        return self.mask.shape[1] if self.transposed else self.mask.shape[0]
 
     @property
     def active_neurons(self) -> int:
@@ -124,11 +146,11 @@ class SparseLayer:
     @property
     def row_groups(self) -> Tensor:
         """int64 ``[out]``: the group of each row."""
-        return torch.arange(self.mask.shape[0], device=self.mask.device) // self.group_size
+        return torch.arange(self.out_features, device=self.mask.device) // self.group_size
 
     @property
     def groups(self) -> int:
-        return -(-self.mask.shape[0] // self.group_size)
+        return -(-self.out_features // self.group_size)
 
 
 def _top_per_row(scores: Tensor, counts: Union[int, Tensor]) -> Tensor:
@@ -226,12 +248,14 @@ def initial_masks(
         raise ValueError("model has no Linear or groups=1 Conv2d layer to sparsify")
     group_sizes = _group_sizes(group_size, weights)
     densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
+    transposed = transposed_layers(model)
     masks = {}
     for name, weight in weights.items():
-        out_features, in_features = weight.shape[0], weight[0].numel()
+        rows = weight.t() if name in transposed else weight
+        out_features, in_features = rows.shape[0], rows[0].numel()
         fan_in = fan_in_for_density(densities[name], in_features)
-        mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_sizes[name], generator=generator)
-        masks[name] = mask.to(weight.device).view(weight.shape)
+        mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_sizes[name], generator=generator).to(weight.device)
+        masks[name] = mask.t().contiguous() if name in transposed else mask.view(weight.shape)
     return masks
 
 
@@ -398,8 +422,9 @@ class SRigL:
                 self.layers[name] = self._condensed_layer(condensed[name], allow_ablation=name not in ablation_exempt)
                 continue
             weight, mask = weights[name], masks[name]
-            out_features = weight.shape[0]
-            fan_in = int(mask.flatten(1)[0].sum())
+            transposed = is_transformers_conv1d(modules.get(name))
+            out_features = weight.shape[1] if transposed else weight.shape[0]
+            fan_in = int((mask[:, 0] if transposed else mask.flatten(1)[0]).sum())
             self.layers[name] = SparseLayer(
                 weight=weight,
                 module=modules.get(name),
@@ -409,6 +434,7 @@ class SRigL:
                 budget=out_features * fan_in,
                 ablation_allowed=name not in ablation_exempt,
                 group_size=group_sizes[name],
+                transposed=transposed,
             )
         self.apply_masks()
         # A condensed layer has no dense gradient: on an update step each saves its
@@ -457,7 +483,7 @@ class SRigL:
         """The dense gradient of the layer's weight (a condensed layer's: of its rows,
         formed now from this step's calls, which are then freed), or None."""
         if not layer.is_condensed:
-            return layer.weight.grad
+            return None if layer.weight.grad is None else layer.rows_of(layer.weight.grad)
         records, self._taps[name] = self._taps[name], []
         gradient = None
         for x, grad_y in records:
@@ -543,10 +569,10 @@ class SRigL:
     def _rewire(self, layer: SparseLayer, grad: Optional[Tensor], drop_fraction: float) -> None:
         if grad is None:  # the layer took no part in this step's loss: nothing to grow by
             return
-        out_features, in_features, fan_in = layer.mask.shape[0], layer.in_features, layer.fan_in
+        out_features, in_features, fan_in = layer.out_features, layer.in_features, layer.fan_in
         row_groups, groups, group_size = layer.row_groups, layer.groups, layer.group_size
-        mask = layer.mask.view(out_features, in_features)
-        weight_rows = layer.module._dense_rows() if layer.is_condensed else layer.weight.detach()
+        mask = layer.rows_of(layer.mask)
+        weight_rows = layer.module._dense_rows() if layer.is_condensed else layer.rows_of(layer.weight.detach())
         magnitude = weight_rows.abs().reshape(out_features, in_features)
         grad_magnitude = grad.abs().reshape(out_features, in_features).to(magnitude.dtype)
         group_mask = mask[::group_size]  # a group's rows share their columns: its first row's
@@ -607,10 +633,9 @@ class SRigL:
             self._relayout_condensed(layer, weight_rows.masked_fill(~new_mask | grown, 0), new_mask, grad)
         else:
             changed = (mask & ~new_mask) | grown
-            weight_shape = layer.weight.shape
-            layer.weight.masked_fill_((~new_mask | grown).view(weight_shape), 0)  # grown weights start at 0
-            self._reset_optimizer_state(layer.weight, changed.view(weight_shape))
-        layer.mask = new_mask.view(layer.mask.shape)
+            layer.weight.masked_fill_(layer.weight_shaped(~new_mask | grown), 0)  # grown weights start at 0
+            self._reset_optimizer_state(layer.weight, layer.weight_shaped(changed))
+        layer.mask = layer.weight_shaped(new_mask)
         layer.fan_in = new_fan_in
         layer.ablated_neurons = ablated_groups[row_groups]
 
