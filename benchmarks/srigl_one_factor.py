@@ -13,6 +13,7 @@ this package:
 - ``regrow_dropped``: a just-dropped weight may regrow in the same update (reference);
 - ``floor_fan_in``: initial fan-in ``int(density * in)`` (reference) instead of rounded;
 - ``neuron_rule``: ``drop_rule="neuron"``, every neuron drops ``round(f * fan_in)``;
+- ``no_ablation``: ``gamma_sal=0``, no neuron ablated;
 - ``reference``: all four reference rules above at once, and no optimizer-state reset;
 - ``dense``: no sparsity.
 
@@ -77,6 +78,13 @@ def _rules(revive: bool, regrow_dropped: bool):
     return type("Rules", (ReferenceRules,), dict(revive=revive, regrow_dropped=regrow_dropped))
 
 
+class NoAblation(SRigL):
+    """``SRigL`` with ``gamma_sal = 0``: no neuron is ever ablated."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "gamma_sal": 0.0})
+
+
 def _floor_fan_in(density: float, in_features: int) -> int:
     return min(in_features, max(1, int(density * in_features)))
 
@@ -89,6 +97,7 @@ VARIANTS = {
     "regrow_dropped": ("srigl", _rules(revive=False, regrow_dropped=True), False),
     "floor_fan_in": ("srigl", SRigL, True),
     "neuron_rule": ("srigl_neuron", SRigL, False),
+    "no_ablation": ("srigl", NoAblation, False),
     "reference": ("srigl_noreset", _rules(revive=True, regrow_dropped=True), True),
 }
 

@@ -107,6 +107,10 @@ TORCH_LIBRARY(condensed_ops, m) {
   m.def("pack_for_inference(Tensor values, Tensor idx, SymInt in_features, Tensor? active_rows=None, "
         "SymInt? out_features=None) -> Tensor");
   m.def("condensed_linear_packed(Tensor x, Tensor packed, SymInt out_features, Tensor? bias=None) -> Tensor");
+  // The two above as one call (CPU): the layout is fetched from (or built into) the
+  // cache inside, so the op's output shape follows from its inputs' shapes.
+  m.def("condensed_linear_windowed(Tensor x, Tensor values, Tensor idx, SymInt out_features, Tensor? bias=None, "
+        "Tensor? active_rows=None) -> Tensor");
   m.def("index_view(Tensor(a) storage, SymInt[] shape) -> Tensor(a)");
 }
 
@@ -132,6 +136,7 @@ TORCH_LIBRARY_IMPL(condensed_ops, Autograd, m) {
   // Inference only: a gradient through the window layout raises "not implemented".
   m.impl("pack_for_inference", torch::autograd::autogradNotImplementedFallback());
   m.impl("condensed_linear_packed", torch::autograd::autogradNotImplementedFallback());
+  m.impl("condensed_linear_windowed", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace condensed_ops

@@ -301,6 +301,9 @@ def test_opcheck(sample):
         torch.ops.condensed_ops.pack_for_inference, (values, idx, x.shape[-1]),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+    windowed = torch.ops.condensed_ops.condensed_linear_windowed
+    torch.library.opcheck(windowed, (x, values, idx, values.shape[0], bias))
+    torch.testing.assert_close(windowed(x, values, idx, values.shape[0], bias), packed_linear(x, layout, values.shape[0], bias), rtol=0, atol=0)
 
 
 def _packed_call(x: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -365,7 +368,7 @@ class _OpNames(TorchDispatchMode):
 def _runs_window_layout(module, x) -> bool:
     with _OpNames() as recorder:
         module(x)
-    return "condensed_ops.condensed_linear_packed" in recorder.names
+    return "condensed_ops.condensed_linear_windowed" in recorder.names
 
 
 def test_module_uses_the_window_layout_only_when_it_should():

@@ -580,6 +580,18 @@ at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& pa
   return y;
 }
 
+// pack_for_inference then condensed_linear_packed, as one op: its output's shape
+// follows from its inputs' shapes (the layout's size depends on idx's data), so a
+// compiled graph holds it without a break.
+at::Tensor condensed_linear_windowed_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& idx,
+                                         int64_t out_features, const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& active_rows) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "condensed_linear_windowed: x must have at least 1 dimension [..., in_features], ",
+                    "got a scalar");
+  const at::Tensor packed = pack_for_inference_cpu(values, idx, x.size(-1), active_rows, out_features);
+  return condensed_linear_packed_cpu(x, packed, out_features, bias);
+}
+
 }  // namespace
 
 int64_t threads_used_by_parallel_for(int64_t items) {
@@ -599,6 +611,7 @@ TORCH_LIBRARY_IMPL(condensed_ops, CPU, m) {
   m.impl("condensed_linear_grad_values", &condensed_linear_grad_values_cpu);
   m.impl("pack_for_inference", &pack_for_inference_cpu);
   m.impl("condensed_linear_packed", &condensed_linear_packed_cpu);
+  m.impl("condensed_linear_windowed", &condensed_linear_windowed_cpu);
 }
 
 }  // namespace condensed_ops::cpu

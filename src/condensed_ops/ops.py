@@ -77,8 +77,7 @@ def condensed_layer(
     layout off.
     """
     if _runs_window_layout(x, values, bias, window_max_batch):
-        packed = torch.ops.condensed_ops.pack_for_inference(values, idx, x.shape[-1], active_rows, out_features)
-        return torch.ops.condensed_ops.condensed_linear_packed(x, packed, out_features, bias)
+        return torch.ops.condensed_ops.condensed_linear_windowed(x, values, idx, out_features, bias, active_rows)
     if active_rows is None or ablated_rows is None or output_order is None:
         return condensed_linear(x, values, idx, bias)
     active_out = condensed_linear(x, values, idx, None if bias is None else bias.index_select(0, active_rows))
@@ -309,11 +308,7 @@ def _condensed_linear_grad_values_fake(grad_y: Tensor, x: Tensor, idx: Tensor) -
     return x.new_empty(idx.shape)
 
 
-@torch.library.register_fake("condensed_ops::pack_for_inference")
-def _pack_for_inference_fake(
-    values: Tensor, idx: Tensor, in_features: int, active_rows: Optional[Tensor] = None, out_features: Optional[int] = None
-) -> Tensor:
-    op = "pack_for_inference"
+def _check_pack_inputs(values: Tensor, idx: Tensor, active_rows: Optional[Tensor], out_features: Optional[int], op: str) -> None:
     if values.dim() == 3:
         _check_grouped_layout(values, idx, op)
     else:
@@ -328,21 +323,44 @@ def _pack_for_inference_fake(
         torch._check_value(active_rows.dim() == 1 and active_rows.shape[0] == rows, lambda: f"{op}: active_rows must have one entry per row of values ({rows}), got shape {list(active_rows.shape)}")
         _check_same_device("active_rows", active_rows, values, "values", op)
         torch._check_value(outputs >= rows, lambda: f"{op}: out_features must be >= the rows of values ({rows}) with active_rows, got {outputs}")
+
+
+@torch.library.register_fake("condensed_ops::pack_for_inference")
+def _pack_for_inference_fake(
+    values: Tensor, idx: Tensor, in_features: int, active_rows: Optional[Tensor] = None, out_features: Optional[int] = None
+) -> Tensor:
+    _check_pack_inputs(values, idx, active_rows, out_features, "pack_for_inference")
     # The layout's size depends on where idx's entries fall: data, not shape.
     size = torch.library.get_ctx().new_dynamic_size()
     return values.new_empty((size,), dtype=torch.uint8)
 
 
-@torch.library.register_fake("condensed_ops::condensed_linear_packed")
-def _condensed_linear_packed_fake(x: Tensor, packed: Tensor, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
-    op = "condensed_linear_packed"
+def _check_packed_call(x: Tensor, out_features: int, bias: Optional[Tensor], op: str) -> None:
     torch._check_value(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension [..., in_features], got a scalar")
     torch._check_type(x.dtype in _VALUE_DTYPES, lambda: f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    torch._check_type(packed.dtype == torch.uint8 and packed.dim() == 1, lambda: f"{op}: packed must be the 1-D uint8 tensor pack_for_inference returns, got {packed.dtype} of shape {list(packed.shape)}")
-    _check_same_device("packed", packed, x, "x", op)
     torch._check_value(out_features >= 0, lambda: f"{op}: out_features must be >= 0, got {out_features}")
     if bias is not None:
         torch._check_value(bias.dim() == 1 and bias.shape[0] == out_features, lambda: f"{op}: bias must have shape [out_features] = [{out_features}], got {list(bias.shape)}")
         torch._check_type(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype ({x.dtype}), got {bias.dtype}")
         _check_same_device("bias", bias, x, "x", op)
+
+
+@torch.library.register_fake("condensed_ops::condensed_linear_packed")
+def _condensed_linear_packed_fake(x: Tensor, packed: Tensor, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
+    op = "condensed_linear_packed"
+    _check_packed_call(x, out_features, bias, op)
+    torch._check_type(packed.dtype == torch.uint8 and packed.dim() == 1, lambda: f"{op}: packed must be the 1-D uint8 tensor pack_for_inference returns, got {packed.dtype} of shape {list(packed.shape)}")
+    _check_same_device("packed", packed, x, "x", op)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("condensed_ops::condensed_linear_windowed")
+def _condensed_linear_windowed_fake(
+    x: Tensor, values: Tensor, idx: Tensor, out_features: int, bias: Optional[Tensor] = None, active_rows: Optional[Tensor] = None
+) -> Tensor:
+    op = "condensed_linear_windowed"
+    _check_packed_call(x, out_features, bias, op)
+    _check_pack_inputs(values, idx, active_rows, out_features, op)
+    torch._check_type(x.dtype == values.dtype, lambda: f"{op}: x must have the values' dtype ({values.dtype}), got {x.dtype}")
+    _check_same_device("values", values, x, "x", op)
     return x.new_empty((*x.shape[:-1], out_features))
