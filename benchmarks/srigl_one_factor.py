@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-from condensed_ops import srigl as srigl_module
+from condensed_ops import masks as masks_module
 from condensed_ops.srigl import SRigL
 
 _here = pathlib.Path(__file__).parent
@@ -105,14 +105,14 @@ VARIANTS = {
 @contextlib.contextmanager
 def variant_in_place(name: str) -> Iterator[str]:
     method, updater_class, floor = VARIANTS[name]
-    saved = accuracy.SRigL, srigl_module.fan_in_for_density
+    saved = accuracy.SRigL, masks_module.fan_in_for_density
     accuracy.SRigL = updater_class
     if floor:
-        srigl_module.fan_in_for_density = _floor_fan_in
+        masks_module.fan_in_for_density = _floor_fan_in
     try:
         yield method
     finally:
-        accuracy.SRigL, srigl_module.fan_in_for_density = saved
+        accuracy.SRigL, masks_module.fan_in_for_density = saved
 
 
 def main() -> None:

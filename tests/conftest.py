@@ -58,6 +58,8 @@ _SLOW_TESTS = {
     "test_compile_fullgraph_forward_backward": "inductor compiles",
     "test_compile_forward_and_backward": "inductor compiles",
     "test_fuzz_every_route": "20 s of fuzzing",
+    "test_compiled_condensed_model_has_the_dense_models_graphs": "traces whole models with dynamo",
+    "test_cli_times_whole_models": "times whole models",
 }
 
 

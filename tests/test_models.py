@@ -8,13 +8,13 @@ for the installed torch).
 """
 
 import copy
+import json
 import os
 
 import pytest
 import torch
 from torch import nn
 
-import condensed_ops
 from condensed_ops import CondensedLinear, condense, load_condensed
 from condensed_ops.bench import models
 from condensed_ops.srigl import SRigL
@@ -174,3 +174,19 @@ def test_masked_srigl_on_conv1d_decides_as_on_the_equal_linear():
     assert any(runs[0][2].layers[name].active_neurons < runs[0][2].layers[name].out_features for name in conv1d)
     for name in conv1d:
         torch.testing.assert_close(model.get_submodule(name).weight.t(), twin.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_times_whole_models(tmp_path):
+    _require("bert")
+    from condensed_ops.bench.__main__ import main
+
+    out_json = tmp_path / "models.json"
+    main(["--no-sweep", "--model", "bert", "timm_vit", "--model-size", "tiny", "--model-batch", "1", "3", "--threads", "1",
+          "--rounds", "2", "--json", str(out_json), "--no-progress"])
+    rows = json.loads(out_json.read_text())["models"]
+    timed = [row for row in rows if "skipped" not in row]
+    assert [row["batch"] for row in timed] == [1, 3] and all(row["family"] == "bert" for row in timed)
+    assert all(row["speedup"] > 0 and row["max_abs_diff_over_scale"] < 1e-4 for row in timed)
+    assert all(row["condensed_layer_bytes"] < 0.2 * row["dense_layer_bytes"] for row in timed)
+    assert len(rows) == 3 or models.unavailable_reason("timm_vit") is None
+    assert "Whole models" in models.format_markdown(rows)

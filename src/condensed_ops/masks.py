@@ -9,7 +9,7 @@ over ``C_in * kh * kw`` (its rows are ``weight.flatten(1)``), a transformers
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Dict, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Collection, Dict, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -237,14 +237,28 @@ def magnitude_masks(
     layer (:func:`sparsifiable_weights`) gets its :func:`layer_densities` share of
     ``1 - sparsity`` (``"uniform"``: the same density everywhere). The weights are not
     changed; ``condense(model, masks=...)`` keeps what the masks keep."""
+    return masks_per_layer(model, sparsity, density_method, exclude, lambda name, rows, fan_in: magnitude_prune_to_fan_in(rows, fan_in))
+
+
+def masks_per_layer(
+    model: nn.Module,
+    sparsity: float,
+    density_method: str,
+    exclude: Collection[str],
+    rows_mask: Callable[[str, Tensor, int], Tensor],
+) -> Dict[str, Tensor]:
+    """``{layer name: bool mask in the weight's shape}`` from ``rows_mask(name, rows,
+    fan_in)``, called per sparsifiable layer with its weight as rows ``[out, in, ...]``
+    (a ``Conv1D``'s transposed) and the fan-in of its :func:`layer_densities` density;
+    it returns the mask in the rows' shape."""
     weights = sparsifiable_weights(model, exclude)
     densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
     transposed = transposed_layers(model)
     masks = {}
     for name, weight in weights.items():
         rows = weight.t() if name in transposed else weight
-        mask = magnitude_prune_to_fan_in(rows, fan_in_for_density(densities[name], rows[0].numel()))
-        masks[name] = mask.t() if name in transposed else mask
+        mask = rows_mask(name, rows, fan_in_for_density(densities[name], rows[0].numel())).to(weight.device)
+        masks[name] = mask.t().contiguous() if name in transposed else mask.view(weight.shape)
     return masks
 
 

@@ -59,20 +59,18 @@ buckets once: rebuild it after a step whose ``updater.layout_changed`` is True
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Collection, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masks import (
-    fan_in_for_density,
     grouped_fan_in_mask,
     is_transformers_conv1d,
-    layer_densities,
+    masks_per_layer,
     sparsifiable_layers,
     sparsifiable_weights,
-    transposed_layers,
 )
 from .modules import CondensedConv2d, CondensedLayer
 
@@ -247,16 +245,11 @@ def initial_masks(
     if not weights:
         raise ValueError("model has no Linear or groups=1 Conv2d layer to sparsify")
     group_sizes = _group_sizes(group_size, weights)
-    densities = layer_densities({name: weight.shape for name, weight in weights.items()}, sparsity, density_method)
-    transposed = transposed_layers(model)
-    masks = {}
-    for name, weight in weights.items():
-        rows = weight.t() if name in transposed else weight
-        out_features, in_features = rows.shape[0], rows[0].numel()
-        fan_in = fan_in_for_density(densities[name], in_features)
-        mask = grouped_fan_in_mask(out_features, in_features, fan_in, group_sizes[name], generator=generator).to(weight.device)
-        masks[name] = mask.t().contiguous() if name in transposed else mask.view(weight.shape)
-    return masks
+
+    def random_rows(name: str, rows: Tensor, fan_in: int) -> Tensor:
+        return grouped_fan_in_mask(rows.shape[0], rows[0].numel(), fan_in, group_sizes[name], generator=generator)
+
+    return masks_per_layer(model, sparsity, density_method, exclude, random_rows)
 
 
 def _condensed_layers(model: nn.Module, exclude: Collection[str]) -> Dict[str, CondensedLayer]:

@@ -6,6 +6,7 @@
     python -m condensed_ops.bench --training --batch 256       # forward + backward
     python -m condensed_ops.bench --no-sweep --vit              # ViT-B/16 end to end only
     python -m condensed_ops.bench --no-sweep --train-model mlp vit  # whole training steps, SRigL sparse-to-sparse
+    python -m condensed_ops.bench --no-sweep --model bert vit resnet50  # whole models from transformers configs
 
 Every cell times its methods interleaved (each round calls every method once, in
 a fresh random order) and reports medians; on CUDA both eager per-call time and
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .models import FAMILIES as MODEL_FAMILIES
 from .methods import METHOD_DESCRIPTIONS
 from .cells import cell_header, format_cell
 from .sweep import SweepConfig, run_sweep
@@ -94,7 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-batch", type=_positive, nargs="+", default=[128, 256], help="training batch sizes (default 128 256)")
     p.add_argument("--delta-t", type=_positive, default=100, help="SRigL steps between mask updates, for the amortized step (default 100)")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="--no-sweep runs only what else is asked (--vit, --train-model)")
+    p.add_argument(
+        "--model",
+        choices=list(MODEL_FAMILIES),
+        nargs="+",
+        default=[],
+        help="also time whole models built from configs (nothing downloaded: transformers, timm, torchvision), dense against "
+        "condensed with every Linear / Conv2d / Conv1D magnitude-pruned to the first --sparsity (default 0.9), CPU float32",
+    )
+    p.add_argument("--model-batch", type=_positive, nargs="+", default=[1, 32], help="batch sizes for --model (default 1 32)")
+    p.add_argument("--model-size", choices=["bench", "tiny"], default="bench", help="--model configs: the published sizes, or test-sized ones")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="--no-sweep runs only what else is asked (--vit, --train-model, --model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -184,14 +196,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib (or condensed_ops[bench])")
 
-    if not args.sweep and not args.vit and not args.train_model:
-        parser.error("--no-sweep leaves nothing to run: add --vit or --train-model")
+    if not args.sweep and not args.vit and not args.train_model and not args.model:
+        parser.error("--no-sweep leaves nothing to run: add --vit, --train-model or --model")
     if not args.sweep:
         config.shapes = []
     vit_variants = [False, True] if args.vit_attention else [False]
     vit_cells = len(args.vit_batch) * len(config.devices) * len(vit_variants) if args.vit else 0
     training_cells = list(itertools.product(args.train_model, args.train_batch, config.threads))
-    progress = _Progress(config.cells() + vit_cells + len(training_cells), not args.no_progress)
+    model_cells = len(args.model) * len(args.model_batch) * len(config.threads)
+    progress = _Progress(config.cells() + vit_cells + len(training_cells) + model_cells, not args.no_progress)
     printed_header: List[str] = []
 
     def on_cell(rows: List[Dict[str, object]]) -> None:
@@ -222,6 +235,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                     training.time_training(model, batch, threads, sparsity, args.delta_t, rounds=args.rounds or 3)
                 )
                 progress.print(training.format_markdown(results["training"][-1:]))
+        if args.model:
+            from . import models
+
+            sparsity = args.sparsity[0] if args.sparsity else 0.9
+            results["models"] = []
+            for threads in config.threads:
+                rows = models.end_to_end(
+                    args.model, args.model_batch, threads, sparsity, rounds=args.rounds or 5, size=args.model_size, progress=progress.step
+                )
+                results["models"].extend(rows)
+                progress.print("\n" + models.format_markdown(rows, sparsity))
     finally:
         progress.close()
     results["command"] = "python -m condensed_ops.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -183,6 +183,7 @@ def end_to_end(
     sparsity: float = 0.9,
     rounds: int = 5,
     max_seconds: float = 30.0,
+    size: str = "bench",
     progress: Optional[Callable[[str], None]] = None,
 ) -> List[dict]:
     """Latency and throughput of each family's model, dense against condensed
@@ -198,7 +199,7 @@ def end_to_end(
             if reason is not None:
                 rows.append({"family": family, "skipped": reason})
                 continue
-            dense, masks, inputs = build(family, "bench", sparsity)
+            dense, masks, inputs = build(family, size, sparsity)
             report = condense(dense, masks=masks, min_weights=0, inplace=False)
             condensed = report.model
             for batch in batches:
@@ -214,7 +215,7 @@ def end_to_end(
                     )
                 rows.append({
                     "family": family,
-                    "model": FAMILIES[family].description,
+                    "model": FAMILIES[family].description if size == "bench" else f"{family} (test-sized config)",
                     "batch": batch,
                     "threads": torch.get_num_threads(),
                     "converted_layers": len(report.converted),
