@@ -115,6 +115,27 @@ def variant_in_place(name: str) -> Iterator[str]:
         accuracy.SRigL, masks_module.fan_in_for_density = saved
 
 
+def markdown_table(runs: list) -> str:
+    """Variants down, (task, sparsity) across: mean ± std (seeds)."""
+    cases = sorted({(run["task"], run["sparsity"]) for run in runs if run["sparsity"] is not None})
+    scores = {}
+    for run in runs:
+        for task, sparsity in cases if run["sparsity"] is None else [(run["task"], run["sparsity"])]:
+            if run["task"] == task:
+                scores.setdefault((run["variant"], task, sparsity), []).append(run["accuracy"])
+    lines = ["| variant | " + " | ".join(f"{task.removeprefix('mnist1d_').upper()} {100 * sparsity:.0f}%" for task, sparsity in cases) + " |",
+             "|---|" + "---:|" * len(cases)]
+    for variant in VARIANTS:
+        cells = []
+        for task, sparsity in cases:
+            values = scores.get((variant, task, sparsity), [])
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.2f} ± {spread:.2f} ({len(values)})" if values else "—")
+        if any(cell != "—" for cell in cells):
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["mnist1d_mlp", "mnist1d_cnn"], choices=["mnist1d_mlp", "mnist1d_cnn"])
@@ -123,7 +144,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", type=pathlib.Path, required=True, help="one JSON line per run (appended)")
+    parser.add_argument("--table", action="store_true", help="train nothing: print --out's runs as a Markdown table")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table([json.loads(line) for line in args.out.read_text().splitlines()]))
+        return
     torch.set_num_threads(1)
     accuracy.WEIGHT_DECAY, accuracy.DELTA_T = 0.01, 100
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []

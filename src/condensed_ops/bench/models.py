@@ -66,8 +66,8 @@ FAMILIES: Dict[str, Family] = {
     "bert": Family(
         "transformers",
         _transformers("BertConfig", "BertModel", dict(_NO_DROPOUT), dict(_TINY_ENCODER, vocab_size=1000, **_NO_DROPOUT)),
-        _tokens(1000, 128),
-        "BERT-base (12 layers, 768 wide), 128 tokens",
+        _tokens(1000, 64),
+        "BERT-base (12 layers, 768 wide), 64 tokens",
     ),
     "gpt2": Family(
         "transformers",
@@ -75,8 +75,8 @@ FAMILIES: Dict[str, Family] = {
             "GPT2Config", "GPT2LMHeadModel", dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
             dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
         ),
-        _tokens(1000, 128),
-        "GPT-2 small (12 layers, 768 wide, transformers Conv1D layers), 128 tokens",
+        _tokens(1000, 64),
+        "GPT-2 small (12 layers, 768 wide, transformers Conv1D layers), 64 tokens",
     ),
     "llama": Family(
         "transformers",
@@ -85,8 +85,8 @@ FAMILIES: Dict[str, Family] = {
             dict(num_hidden_layers=4, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, intermediate_size=5504, vocab_size=32000),
             dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=176, vocab_size=1000),
         ),
-        _tokens(1000, 128),
-        "Llama (4 layers, 2048 wide, MLP 5504), 128 tokens",
+        _tokens(1000, 64),
+        "Llama (4 layers, 2048 wide, MLP 5504), 64 tokens",
     ),
     "vit": Family(
         "transformers", _transformers("ViTConfig", "ViTModel", dict(_NO_DROPOUT), dict(_TINY_VISION, **_NO_DROPOUT)), _images(224),
