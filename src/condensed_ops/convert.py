@@ -529,7 +529,8 @@ def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: b
     _leave_dense_fast_paths(model)
     result = model.load_state_dict(state_dict, strict=False)
     if strict:
-        missing = [key for key in result.missing_keys if not _tied_to_a_loaded_key(model, key, state_dict)]
+        tied = _tied_to_a_loaded_key(model, state_dict)
+        missing = [key for key in result.missing_keys if key not in tied]
         if missing or result.unexpected_keys:
             raise RuntimeError(
                 f"load_condensed: the checkpoint does not fit {type(model).__name__}: missing keys {missing}, "
@@ -561,14 +562,14 @@ def _in_the_models_key_names(model: nn.Module, state_dict: Mapping[str, Tensor])
     return {rename(key): value for key, value in state_dict.items()}
 
 
-def _tied_to_a_loaded_key(model: nn.Module, key: str, state_dict: Mapping[str, Tensor]) -> bool:
-    """Whether ``key`` names a parameter tied to one the checkpoint holds under another
-    name (``save_pretrained`` and ``safetensors.torch.save_model`` keep one name of a
-    tied weight, e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``)."""
+def _tied_to_a_loaded_key(model: nn.Module, state_dict: Mapping[str, Tensor]) -> set:
+    """The model's keys whose tensor the checkpoint holds under another name
+    (``save_pretrained`` and ``safetensors.torch.save_model`` keep one name of a tied
+    weight, e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``)."""
     names_of: Dict[int, List[str]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         names_of.setdefault(id(tensor), []).append(name)
-    return any(key in names and any(other in state_dict for other in names if other != key) for names in names_of.values())
+    return {key for names in names_of.values() if any(name in state_dict for name in names) for key in names if key not in state_dict}
 
 
 __all__ = ["CondenseReport", "ConvertedLayer", "SkippedLayer", "condense", "load_condensed"]
