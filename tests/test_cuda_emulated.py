@@ -73,7 +73,7 @@ def test_checker_catches_a_dropped_tail_entry(build_dir, tmp_path):
     tail_loop = "for (int64_t e = vec_end + lane; e < end; e += lanes) {"
     executable = build_mutant(build_dir / "mutant", tmp_path, "condensed_linear_forward.cu", tail_loop,
                               tail_loop.replace("e < end;", "e + 1 < end;"))
-    result = run_checker(executable, "quick")
+    result = run_checker(executable, "rows")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAIL forward" in result.stdout and "FAIL grad_x columns" in result.stdout
 

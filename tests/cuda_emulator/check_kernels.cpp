@@ -629,8 +629,15 @@ int main(int argc, char** argv) {
     std::printf("%d checks over %zu grouped cases, %d failures\n", checks, grouped.size(), failures);
     return failures == 0 ? 0 : 1;
   }
+  if (mode == "rows") {  // the row-layout kernels, one value/index type (mutant checks)
+    std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
+    const std::vector<Case> cases = make_cases(false);
+    check_all<float, int32_t>(cases, rng);
+    std::printf("%d checks over %zu cases, %d failures\n", checks, cases.size(), failures);
+    return failures == 0 ? 0 : 1;
+  }
   if (mode != "quick" && mode != "full" && mode != "races") {
-    std::fprintf(stderr, "usage: check_kernels [quick|full|races|grouped] [seed]\n");
+    std::fprintf(stderr, "usage: check_kernels [quick|full|races|grouped|rows] [seed]\n");
     return 2;
   }
   std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
