@@ -14,6 +14,7 @@ this package:
 - ``floor_fan_in``: initial fan-in ``int(density * in)`` (reference) instead of rounded;
 - ``neuron_rule``: ``drop_rule="neuron"``, every neuron drops ``round(f * fan_in)``;
 - ``no_ablation``: ``gamma_sal=0``, no neuron ablated;
+- ``alpha_0.5``: initial drop fraction 0.5 (the recipe's, and the reference's, is 0.3);
 - ``reference``: all four reference rules above at once, and no optimizer-state reset;
 - ``dense``: no sparsity.
 
@@ -89,7 +90,7 @@ def _floor_fan_in(density: float, in_features: int) -> int:
     return min(in_features, max(1, int(density * in_features)))
 
 
-# variant: (accuracy.py method, SRigL class, floor initial fan-in)
+# variant: (accuracy.py method, SRigL class, floor initial fan-in[, initial drop fraction alpha])
 VARIANTS = {
     "dense": ("dense", SRigL, False),
     "package": ("srigl", SRigL, False),
@@ -98,21 +99,24 @@ VARIANTS = {
     "floor_fan_in": ("srigl", SRigL, True),
     "neuron_rule": ("srigl_neuron", SRigL, False),
     "no_ablation": ("srigl", NoAblation, False),
+    "alpha_0.5": ("srigl", SRigL, False, 0.5),
     "reference": ("srigl_noreset", _rules(revive=True, regrow_dropped=True), True),
 }
 
 
 @contextlib.contextmanager
 def variant_in_place(name: str) -> Iterator[str]:
-    method, updater_class, floor = VARIANTS[name]
-    saved = accuracy.SRigL, masks_module.fan_in_for_density
+    method, updater_class, floor, *alpha = VARIANTS[name]
+    saved = accuracy.SRigL, masks_module.fan_in_for_density, accuracy.ALPHA
     accuracy.SRigL = updater_class
     if floor:
         masks_module.fan_in_for_density = _floor_fan_in
+    if alpha:
+        accuracy.ALPHA = alpha[0]
     try:
         yield method
     finally:
-        accuracy.SRigL, masks_module.fan_in_for_density = saved
+        accuracy.SRigL, masks_module.fan_in_for_density, accuracy.ALPHA = saved
 
 
 def markdown_table(runs: list) -> str:
