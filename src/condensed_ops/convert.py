@@ -529,7 +529,7 @@ def load_condensed(model: nn.Module, state_dict: Mapping[str, Tensor], strict: b
     _leave_dense_fast_paths(model)
     result = model.load_state_dict(state_dict, strict=False)
     if strict:
-        tied = _tied_to_a_loaded_key(model, state_dict)
+        tied = _keys_tied_to_loaded_ones(model, state_dict)
         missing = [key for key in result.missing_keys if key not in tied]
         if missing or result.unexpected_keys:
             raise RuntimeError(
@@ -544,7 +544,10 @@ def _in_the_models_key_names(model: nn.Module, state_dict: Mapping[str, Tensor])
     their original checkpoint format (e.g. ViT's ``attention.attention.key``), which
     ``from_pretrained`` renames back: rename them the same way (transformers' own
     renamings, read from its conversion mapping; any other model is left as it is)."""
-    if not type(model).__module__.startswith("transformers.") or all(key in dict(model.state_dict()) for key in state_dict):
+    if not type(model).__module__.startswith("transformers."):
+        return state_dict
+    model_keys = set(model.state_dict())
+    if all(key in model_keys for key in state_dict):
         return state_dict
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -562,7 +565,7 @@ def _in_the_models_key_names(model: nn.Module, state_dict: Mapping[str, Tensor])
     return {rename(key): value for key, value in state_dict.items()}
 
 
-def _tied_to_a_loaded_key(model: nn.Module, state_dict: Mapping[str, Tensor]) -> set:
+def _keys_tied_to_loaded_ones(model: nn.Module, state_dict: Mapping[str, Tensor]) -> set:
     """The model's keys whose tensor the checkpoint holds under another name
     (``save_pretrained`` and ``safetensors.torch.save_model`` keep one name of a tied
     weight, e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``)."""
