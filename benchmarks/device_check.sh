@@ -4,9 +4,11 @@
 #      IndexError (a torch build that crashes when an op raises IndexError
 #      must not take the other results down: those tests run apart)
 #   2. build: pip install --no-build-isolation --no-deps -e . (no network)
-#   3. tests/test_cuda.py -k grouped, then the grouped kernel timed against
-#      dense bf16 cuBLAS (CUDA-graph replay, standalone script), then the rest
-#      of tests/test_cuda.py, all without the tests that raise IndexError
+#   3. tests/test_cuda.py -k "grouped or variant", then the row-layout forward's
+#      variant sweep against dense and CSR (benchmarks/cuda_sweep.py: the
+#      planner's pick against the best variant, share of copy bandwidth), the
+#      grouped kernel timed against dense bf16 cuBLAS (standalone script), then
+#      the rest of tests/test_cuda.py, all without the tests that raise IndexError
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
 #      kernel: grouped (tensor cores, every m-tile count, batch tails) and the
 #      per-row ones (forward shared and L1 x, grad_input scatter and columns,
@@ -16,11 +18,11 @@
 # Each step is cut at its cap or at the overall budget; logs go to $OUT when
 # set (the device tool brings back 8 files at most), else to a temp dir.
 #
-#   bash benchmarks/device_check.sh        # from anywhere; DEVICE_CHECK_BUDGET_S=330 by default
+#   bash benchmarks/device_check.sh        # from anywhere; DEVICE_CHECK_BUDGET_S=350 by default
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BUDGET=${DEVICE_CHECK_BUDGET_S:-330}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-350}
 LOG=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
@@ -111,6 +113,14 @@ for batch, n_in, groups, size, k, dtype, index_dtype in GROUPED:
     condensed_ops.condensed_linear(x, values, idx, bias)
     expect_report()
 
+# The forward's forced variants (lanes per row, packs in flight, fan-in splits).
+for lanes, packs, splits in (("1", "4", "8"), ("32", "2", "2"), ("8", "4", "4")):
+    with condensed_ops.kernel_options(cuda_lanes_per_row=lanes, cuda_packs_in_flight=packs, cuda_splits=splits):
+        for batch, n_in, n_out, k, dtype, index_dtype in CASES[:3]:
+            x, values = r(batch, n_in, dtype=dtype), r(n_out, k, dtype=dtype)
+            idx = torch.randint(0, n_in, (n_out, k), generator=g).to(index_dtype).cuda()
+            condensed_ops.condensed_linear(x, values, idx, r(n_out, dtype=dtype))
+
 for x_path in ("shared", "global"):
     condensed_ops._C._set_kernel_option("cuda_x", x_path)
     for batch, n_in, n_out, k, dtype, index_dtype in CASES:
@@ -188,11 +198,13 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider --maxfail=25)
 env_report 2>&1 | tee -a "$LOG/summary.txt"  # into the summary: few files may come back
 step build 120 build
 grep -h "IndexError probe" "$LOG/build.log" 2>/dev/null | tee -a "$LOG/summary.txt"
-step t_grouped 60 "${PYTEST[@]}" tests/test_cuda.py -k "grouped and not ($RAISES)"
-step timing 40 "$PY" benchmarks/time_grouped.py
-step t_cuda 60 "${PYTEST[@]}" tests/test_cuda.py -k "not grouped and not ($RAISES)"
+step t_grouped 60 "${PYTEST[@]}" tests/test_cuda.py -k "(grouped or variant) and not ($RAISES)"
+step sweep 100 "$PY" benchmarks/cuda_sweep.py --shapes 768x3072 3072x768 4096x14336 14336x4096 1024x4096 \
+  --batch 1 16 256 --max-seconds 0.3 --json "$LOG/cuda_sweep.json"
+step timing 35 "$PY" benchmarks/time_grouped.py
+step t_cuda 55 "${PYTEST[@]}" tests/test_cuda.py -k "not grouped and not variant and not ($RAISES)"
 step sanitize 50 sanitizers
-step bench 45 bench_grouped
+step bench 30 bench_grouped
 step t_raises 30 "${PYTEST[@]}" tests/test_cuda.py -k "$RAISES"
 
 echo
@@ -201,11 +213,19 @@ cat "$LOG/summary.txt"
 echo
 tail -n 8 "$LOG/timing.log" 2>/dev/null || true
 grep '^|' "$LOG/bench.log" 2>/dev/null || true
-# At most 8 files come back: fold the last run's log and the bench JSON into
-# others (summary, build, t_grouped, timing + time_grouped.json, t_cuda, sanitize, bench).
+grep -A 40 '^| dtype' "$LOG/sweep.log" 2>/dev/null | tail -n 32 || true
+# Few files come back: fold the last run's log and the bench JSON into others
+# (summary, build, t_grouped, sweep + cuda_sweep.json, timing + time_grouped.json,
+# t_cuda, sanitize, bench).
 if [ -f "$LOG/t_raises.log" ]; then
   { echo "== t_raises"; cat "$LOG/t_raises.log"; } >>"$LOG/t_cuda.log" && rm -f "$LOG/t_raises.log"
 fi
+for pair in sweep:cuda_sweep timing:time_grouped; do
+  log=${pair%%:*} json=${pair#*:}
+  if [ -f "$LOG/$json.json" ]; then
+    { echo "== $json.json"; cat "$LOG/$json.json"; } >>"$LOG/$log.log" && rm -f "$LOG/$json.json"
+  fi
+done
 if [ -f "$LOG/bench_grouped.json" ]; then
   { echo "== bench_grouped.json"; cat "$LOG/bench_grouped.json"; } >>"$LOG/bench.log" && rm -f "$LOG/bench_grouped.json"
 fi

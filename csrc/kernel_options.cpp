@@ -23,6 +23,9 @@ const std::array<Spec, size_t(KernelOption::kCount)>& specs() {
       {"cpu_small_batch", "CONDENSED_OPS_CPU_SMALL_BATCH", {"auto", "gather", "scalar"}},
       {"cuda_x", "CONDENSED_OPS_CUDA_X", {"auto", "shared", "global"}},
       {"cuda_grad_input", "CONDENSED_OPS_CUDA_GRAD_INPUT", {"auto", "scatter", "columns"}},
+      {"cuda_lanes_per_row", "CONDENSED_OPS_CUDA_LANES_PER_ROW", {"auto", "1", "2", "4", "8", "16", "32"}},
+      {"cuda_packs_in_flight", "CONDENSED_OPS_CUDA_PACKS_IN_FLIGHT", {"auto", "2", "4"}},
+      {"cuda_splits", "CONDENSED_OPS_CUDA_SPLITS", {"auto", "1", "2", "4", "8"}},
   }};
   return table;
 }
@@ -86,6 +89,11 @@ int kernel_option_index(KernelOption option) {
 
 std::string kernel_option_value(KernelOption option) {
   return specs()[size_t(option)].choices[size_t(kernel_option_index(option))];
+}
+
+int kernel_option_number(KernelOption option) {
+  const int index = kernel_option_index(option);
+  return index == 0 ? 0 : std::stoi(specs()[size_t(option)].choices[size_t(index)]);
 }
 
 void set_kernel_option(const std::string& name, const std::string& value) {

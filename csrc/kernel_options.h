@@ -18,6 +18,9 @@ enum class KernelOption : int {
   CpuSmallBatch,  // the small-batch kernel (auto: calibrated)
   CudaX,          // where the CUDA kernels read x from
   CudaGradInput,  // CUDA grad_x by atomics, or over W's column layout
+  CudaLanesPerRow,     // CUDA forward: lanes that share one output row
+  CudaPacksInFlight,   // CUDA forward: 16-byte weight packs a lane loads before it gathers
+  CudaSplits,          // CUDA forward: blocks that share one row's fan-in
   kCount,
 };
 
@@ -47,6 +50,9 @@ template <KernelOption option>
 typename ChoiceOf<option>::type kernel_option() {
   return typename ChoiceOf<option>::type(kernel_option_index(option));
 }
+
+// The numeric options' value (the CUDA forward variants): 0 for "auto".
+int kernel_option_number(KernelOption option);
 
 // Throws std::invalid_argument naming the option and its choices, or saying
 // that this CPU or build cannot run the value.

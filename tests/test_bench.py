@@ -278,3 +278,29 @@ def test_training_steps_cell_times_all_three_trainers(monkeypatch):
         assert amortized[method] == pytest.approx(expected)
     assert cell["speedup_vs_dense"] == pytest.approx(amortized["dense"] / amortized["condensed"])
     assert "| mlp | 16 | 1 |" in training.format_markdown([cell])
+
+
+_sweep_spec = importlib.util.spec_from_file_location(
+    "cuda_sweep", pathlib.Path(__file__).parents[1] / "benchmarks" / "cuda_sweep.py"
+)
+cuda_sweep = importlib.util.module_from_spec(_sweep_spec)
+_sweep_spec.loader.exec_module(cuda_sweep)
+
+
+def test_cuda_variant_sweep_runs_end_to_end_on_the_cpu_ops(tmp_path, capsys):
+    """The GPU's variant sweep (benchmarks/cuda_sweep.py) exercised here on the
+    CPU ops, where the CUDA options change nothing: a script bug must not cost
+    GPU time. Every variant name sets options the extension accepts."""
+    out = tmp_path / "sweep.json"
+    argv = ["--device", "cpu", "--shapes", "40x24", "--batch", "1", "17", "--dtype", "float32", "bfloat16",
+            "--rounds", "2", "--max-seconds", "0.02", "--json", str(out)]
+    assert cuda_sweep.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 17), ("bfloat16", 1), ("bfloat16", 17)]
+    for row in rows:
+        names = set(cuda_sweep.variants(row["batch"]))
+        assert names <= set(row["us"]) and "dense" in row["us"]
+        assert max(row["rel_err"].values()) < 2e-2
+        assert row["auto_over_best"] >= 1.0
+    assert len(cuda_sweep.variants(1)) == 1 + 4 * 2 * 4 and len(cuda_sweep.variants(256)) == 1 + 4 * 2
+    assert "| float32 | 40→24 |" in capsys.readouterr().out

@@ -170,6 +170,20 @@ def test_every_batch_tile(batch, dtype, x_path):
     forward_and_check(*cuda_sample(spec, dtype, torch.int16).args)
 
 
+# The forward variants benchmarks/cuda_sweep.py times: every one must be right.
+FORWARD_VARIANTS = [(lanes, packs, splits) for lanes in ("1", "4", "32") for packs in ("2", "4")
+                    for splits in ("1", "2", "8")]
+
+
+@pytest.mark.parametrize("lanes,packs,splits", FORWARD_VARIANTS, ids="-".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("spec", [SampleSpec("b1_long", (1,), 3000, 6, 1201), SampleSpec("b5", (5,), 100, 40, 19),
+                                  SampleSpec("b3_short", (3,), 37, 29, 3)], ids=lambda s: s.id)
+def test_every_forward_variant_matches_reference(spec, dtype, lanes, packs, splits, x_path):
+    with condensed_ops.kernel_options(cuda_lanes_per_row=lanes, cuda_packs_in_flight=packs, cuda_splits=splits):
+        forward_and_check(*cuda_sample(spec, dtype, torch.int16).args)
+
+
 @pytest.mark.parametrize("dtype", VALUE_DTYPES, ids=str)
 def test_unaligned_weights_are_copied_not_misread(dtype):
     # Contiguous views whose data starts 1 element into their storage: the

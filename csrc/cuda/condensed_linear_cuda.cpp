@@ -64,6 +64,36 @@ k::XAccess x_access() {
   return k::XAccess::Auto;
 }
 
+// The forward plan's forced choices: kernel options cuda_x and the forward
+// variants (cuda_lanes_per_row, cuda_packs_in_flight, cuda_splits).
+k::ForwardTuning forward_tuning() {
+  k::ForwardTuning tuning;
+  tuning.access = x_access();
+  tuning.lanes_per_row = kernel_option_number(KernelOption::CudaLanesPerRow);
+  tuning.packs_in_flight = kernel_option_number(KernelOption::CudaPacksInFlight);
+  tuning.splits = kernel_option_number(KernelOption::CudaSplits);
+  return tuning;
+}
+
+// Plans and runs the forward kernels over p, with the scratch a split plan
+// needs (freed on return: the caching allocator reuses it only for work
+// queued after this on the same stream).
+template <typename scalar_t, typename index_t>
+void run_forward(k::ForwardProblem<scalar_t, index_t> p, double mean_row_length, const k::ForwardTuning& tuning,
+                 const at::Tensor& like, const CallContext& call) {
+  using acc = k::acc_t<scalar_t>;
+  const k::LaunchPlan plan =
+      k::plan_forward<scalar_t>(p.batch, p.in_features, p.out_features, mean_row_length, device_limits(call.device),
+                                tuning);
+  const int64_t partial_elements = k::forward_partial_elements(plan, p.batch, p.out_features);
+  const at::Tensor partial = partial_elements > 0
+                                 ? at::empty({partial_elements}, like.options().dtype(c10::CppTypeToScalarType<acc>::value))
+                                 : at::Tensor();
+  if (partial.defined()) p.partial = partial.data_ptr<acc>();
+  C10_CUDA_CHECK(k::launch_forward(p, plan, call.stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Packed loads need 16-byte aligned bases; a view with an odd storage offset
 // gets a fresh (aligned) copy.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
@@ -101,7 +131,7 @@ at::Tensor row_layout_forward(const at::Tensor& x, const at::Tensor& values, con
   const at::Tensor values_c = aligned_contiguous(values);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor x_2d = as_rows(x, batch, in_features);
-  const k::XAccess access = x_access();
+  const k::ForwardTuning tuning = forward_tuning();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "condensed_linear_cuda", [&] {
     using kernel_scalar_t = Kernel::type<scalar_t>;
     with_index_type(idx_c, [&](auto index_tag) {
@@ -113,10 +143,7 @@ at::Tensor row_layout_forward(const at::Tensor& x, const at::Tensor& values, con
           Kernel::ptr<scalar_t>(y), out_features,
           batch, in_features, out_features, fan_in,
           /*row_offsets=*/nullptr, call.flag};
-      const k::LaunchPlan plan = k::plan_forward<kernel_scalar_t>(batch, in_features, out_features, double(fan_in),
-                                                                  device_limits(call.device), access);
-      C10_CUDA_CHECK(k::launch_forward(p, plan, call.stream));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      run_forward(p, double(fan_in), tuning, y, call);
     });
   });
   return y;
@@ -219,11 +246,10 @@ void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values
       Kernel::ptr<scalar_t>(grad_x), in_features,
       batch, out_features, in_features, /*fan_in=*/0,
       layout.offsets.data_ptr<int64_t>(), call.flag};
-  const k::LaunchPlan plan = k::plan_forward<kernel_scalar_t>(
-      batch, out_features, in_features, double(values_c.numel()) / double(in_features), device_limits(call.device),
-      x_access());
-  C10_CUDA_CHECK(k::launch_forward(p, plan, call.stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The forward variants' options time the forward op alone: grad_x keeps the rule's plan.
+  k::ForwardTuning tuning;
+  tuning.access = x_access();
+  run_forward(p, double(values_c.numel()) / double(in_features), tuning, grad_x, call);
 }
 
 // grad_x = grad_y @ W.

@@ -12,7 +12,11 @@ The options and their choices (the first, ``"auto"``, lets the package decide):
   is a 2 ms calibration on first use, so pin it to reproduce another process's
   result bits exactly: ``cpu_capabilities()["small_batch_pin"]`` says how);
 - ``cuda_x``: ``auto``, ``shared``, ``global``; ``cuda_grad_input``: ``auto``,
-  ``scatter``, ``columns``.
+  ``scatter``, ``columns``;
+- the CUDA forward's variants (``benchmarks/cuda_sweep.py`` times them all):
+  ``cuda_lanes_per_row``: ``auto``, ``1`` .. ``32`` (powers of two);
+  ``cuda_packs_in_flight``: ``auto``, ``2``, ``4``; ``cuda_splits``: ``auto``,
+  ``1``, ``2``, ``4``, ``8`` (blocks sharing one row's fan-in).
 
 ``condensed_ops._C.cpu_capabilities()`` shows the options in force and what the
 calibration chose.

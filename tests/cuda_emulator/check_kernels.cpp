@@ -75,14 +75,23 @@ struct Case {
   int bad_indices = 0;        // entries set outside [0, in_features)
   k::XAccess access = k::XAccess::Auto;
   k::DeviceLimits limits{k::DeviceLimits{132, 227 * 1024, 228 * 1024}};
+  k::ForwardTuning forced{};  // the forward's forced variant (its access is `access`)
+
+  k::ForwardTuning forward_tuning() const {
+    k::ForwardTuning t = forced;
+    t.access = access;
+    return t;
+  }
 
   std::string describe() const {
     static const char* access_names[] = {"auto", "shared", "global"};
-    char s[256];
+    char s[320];
     std::snprintf(s, sizeof s, "batch=%" PRId64 " in=%" PRId64 " out=%" PRId64 " fan_in=%" PRId64
-                  " x_pad=%" PRId64 " y_pad=%" PRId64 " expanded_x=%d bias=%d bad=%d x=%s sms=%d grid_y<=%d",
+                  " x_pad=%" PRId64 " y_pad=%" PRId64 " expanded_x=%d bias=%d bad=%d x=%s sms=%d grid_y<=%d"
+                  " lanes=%d packs=%d splits=%d",
                   batch, in_features, out_features, fan_in, x_row_padding, y_row_padding, int(expanded_x), int(bias),
-                  bad_indices, access_names[int(access)], limits.multiprocessors, limits.max_grid_y);
+                  bad_indices, access_names[int(access)], limits.multiprocessors, limits.max_grid_y,
+                  forced.lanes_per_row, forced.packs_in_flight, forced.splits);
     return s;
   }
 };
@@ -197,10 +206,12 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     }
     std::vector<scalar_t> y = poisoned<scalar_t>(size_t(B * y_stride));
     int flag = 0;
-    const k::ForwardProblem<scalar_t, index_t> p{x.data(), x_stride, values.data(), idx.data(),
+    k::ForwardProblem<scalar_t, index_t> p{x.data(), x_stride, values.data(), idx.data(),
                                                  c.bias ? bias.data() : nullptr, y.data(), y_stride, B, I, O, K,
                                                  nullptr, &flag};
-    const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, I, O, double(K), c.limits, c.access);
+    const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, I, O, double(K), c.limits, c.forward_tuning());
+    std::vector<acc> partial(size_t(k::forward_partial_elements(plan, B, O)));
+    p.partial = partial.empty() ? nullptr : partial.data();
     emu::LoadCounter values_loads(values.data(), values.size() * sizeof(scalar_t));
     emu::LoadCounter idx_loads(idx.data(), idx.size() * sizeof(index_t));
     expect(k::launch_forward(p, plan, nullptr) == cudaSuccess && cudaGetLastError() == cudaSuccess,
@@ -307,10 +318,12 @@ void check_case(const Case& c, std::mt19937_64& rng) {
     std::vector<scalar_t> first;
     for (int run = 0; run < 2; ++run) {
       std::vector<scalar_t> grad_x = poisoned<scalar_t>(size_t(B * I));
-      const k::ForwardProblem<scalar_t, int32_t> p{grad_y.data(), O, column_values.data(), rows.data(), nullptr,
-                                                   grad_x.data(), I, B, O, I, 0, column_offsets.data(), nullptr};
+      k::ForwardProblem<scalar_t, int32_t> p{grad_y.data(), O, column_values.data(), rows.data(), nullptr,
+                                             grad_x.data(), I, B, O, I, 0, column_offsets.data(), nullptr};
       const double mean_row = I > 0 ? double(entries) / double(I) : 0.0;
-      const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, O, I, mean_row, c.limits, c.access);
+      const k::LaunchPlan plan = k::plan_forward<scalar_t>(B, O, I, mean_row, c.limits, k::ForwardTuning{c.access});
+      std::vector<acc> partial(size_t(k::forward_partial_elements(plan, B, I)));
+      p.partial = partial.empty() ? nullptr : partial.data();
       const int64_t kept = column_offsets[size_t(I)];  // entries with a valid index
       emu::LoadCounter values_loads(column_values.data(), size_t(kept) * sizeof(scalar_t));
       emu::LoadCounter rows_loads(rows.data(), size_t(kept) * sizeof(int32_t));
@@ -522,7 +535,7 @@ void check_plans() {
                               d.multiprocessors);
                 return std::string(s);
               };
-              const k::LaunchPlan f = k::plan_forward<scalar_t>(batch, in, out, double(fan_in), d, access);
+              const k::LaunchPlan f = k::plan_forward<scalar_t>(batch, in, out, double(fan_in), d, k::ForwardTuning{access});
               const int64_t f_slabs = (batch + f.batch_tile - 1) / f.batch_tile;
               bool ok = f.threads == k::kThreads && f.batch_tile >= 1 && f.batch_tile <= k::kMaxBatchTile<scalar_t> &&
                         (f.batch_tile & (f.batch_tile - 1)) == 0 && f.lanes_per_row >= 1 && f.lanes_per_row <= 32 &&
@@ -532,7 +545,12 @@ void check_plans() {
                         f.shared_bytes <= size_t(d.max_shared_bytes_per_block) &&
                         // the one slab rule (launch.cuh): the slab, rounded up to 16 bytes
                         f.shared_bytes == (f.shared_x ? size_t((in * f.batch_tile * int64_t(sizeof(scalar_t)) + 15) / 16 * 16) : 0) &&
-                        !(access == k::XAccess::Global && f.shared_x);
+                        !(access == k::XAccess::Global && f.shared_x) &&
+                        // splits: a power of two <= 8, each with packs to load; scratch stays small
+                        f.splits >= 1 && f.splits <= 8 && (f.splits & (f.splits - 1)) == 0 &&
+                        (f.splits == 1 || std::ceil(double(fan_in) / double(V)) >= 4.0 * f.splits * f.lanes_per_row) &&
+                        k::forward_partial_elements(f, batch, out) * int64_t(sizeof(k::acc_t<scalar_t>)) <= (int64_t(64) << 20) &&
+                        (f.packs_in_flight == 2 || (f.packs_in_flight == 4 && f.batch_tile <= 4));
               expect(ok, "plan_forward", ok ? "" : where());
               if (int64_t(out) * fan_in >= (int64_t(1) << 31)) continue;  // the glue's limit for weights
               const k::LaunchPlan g = k::plan_grad_values<scalar_t>(batch, in, out, fan_in, d, access);
@@ -599,6 +617,23 @@ std::vector<Case> make_cases(bool full) {
     strided.limits = small_device;
     cases.push_back(strided);
   }
+  // The forward's forced variants (what benchmarks/cuda_sweep.py times):
+  // lanes per row, four packs in flight, fan-in splits, including splits
+  // left with no entries and splits over rows with unaligned heads.
+  const k::ForwardTuning variants[] = {{k::XAccess::Auto, 1, 4, 8}, {k::XAccess::Auto, 2, 4, 4},
+                                       {k::XAccess::Auto, 32, 2, 2}, {k::XAccess::Auto, 4, 4, 1},
+                                       {k::XAccess::Auto, 8, 2, 8}};
+  const Case variant_bases[] = {{1, 37, 29, 11}, {2, 200, 3, 150}, {5, 100, 40, 19, 0, 3}, {3, 50, 21, 7, 5, 3},
+                                {4, 33, 9, 5, 0, 0, true}, {1, 3000, 6, 1200, 0, 0, false, true, 3}};
+  for (size_t i = 0; i < std::size(variant_bases); ++i) {
+    for (size_t v = 0; v < std::size(variants); ++v) {
+      if ((i + v) % 2 != 0) continue;  // half of the pairs: enough to reach every path, half the time
+      Case c = variant_bases[i];
+      c.forced = variants[v];
+      c.access = (i + v) % 4 == 0 ? k::XAccess::Auto : k::XAccess::Global;
+      cases.push_back(c);
+    }
+  }
   if (full) {
     cases.push_back({300, 64, 40, 24});
     cases.push_back({129, 31, 65, 10, 2, 1});
@@ -618,8 +653,33 @@ std::vector<Case> make_cases(bool full) {
 
 }  // namespace
 
+// The rule's forward plans for the benchmark shapes on an H100/H200 (132 SMs,
+// 227 KB of shared memory per block): what csrc/kernels/cuda/NOTES.md's model
+// is written against.
+template <typename scalar_t>
+void print_plans() {
+  const k::DeviceLimits h100{132, 227 * 1024, 228 * 1024};
+  const int64_t shapes[][2] = {{768, 3072}, {3072, 768}, {4096, 14336}, {14336, 4096}, {1024, 4096}, {14336, 1024}};
+  for (const auto& shape : shapes) {
+    for (const int64_t batch : {1, 4, 16, 256, 2048}) {
+      const int64_t fan_in = shape[0] / 10;  // 90% sparse
+      const k::LaunchPlan f = k::plan_forward<scalar_t>(batch, shape[0], shape[1], double(fan_in), h100);
+      std::printf("%-8s %5" PRId64 "->%-5" PRId64 " batch %4" PRId64 ": tile %2d %s lanes %2d packs %d splits %d"
+                  " rows/block %4" PRId64 " grid %u x %u x %d shared %zu\n",
+                  type_name<scalar_t>(), shape[0], shape[1], batch, f.batch_tile, f.shared_x ? "shared" : "global",
+                  f.lanes_per_row, f.packs_in_flight, f.splits, f.work_per_block, f.grid_x, f.grid_y, f.splits,
+                  f.shared_bytes);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "quick";
+  if (mode == "plans") {
+    print_plans<float>();
+    print_plans<__nv_bfloat16>();
+    return 0;
+  }
   if (mode == "grouped") {  // the grouped kernel alone (quick iteration, mutant checks)
     std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
     check_grouped_refusals();
@@ -637,7 +697,7 @@ int main(int argc, char** argv) {
     return failures == 0 ? 0 : 1;
   }
   if (mode != "quick" && mode != "full" && mode != "races") {
-    std::fprintf(stderr, "usage: check_kernels [quick|full|races|grouped|rows] [seed]\n");
+    std::fprintf(stderr, "usage: check_kernels [quick|full|races|grouped|rows|plans] [seed]\n");
     return 2;
   }
   std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);

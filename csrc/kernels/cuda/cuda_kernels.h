@@ -54,11 +54,23 @@ struct LaunchPlan {
   int batch_tile = 1;          // batch rows per pass (1, 2, 4, 8, 16)
   bool shared_x = true;        // x slab staged in shared memory, else gathered through L1
   int lanes_per_row = 1;       // lanes that share one output row (1..32, a power of two)
+  int packs_in_flight = 2;     // forward: 16-byte weight packs a lane loads before it gathers (2, or 4 at tiles <= 4)
+  int splits = 1;              // forward: blocks that share one row's fan-in (grid.z); > 1 sums through `partial`
   int threads = 256;
   int64_t work_per_block = 1;  // forward: output rows; grad_values: weight entries
   unsigned grid_x = 1;         // blocks over rows / entries
   unsigned grid_y = 1;         // blocks over batch slabs
   size_t shared_bytes = 0;
+};
+
+// Forward plan choices forced instead of the planner's rule (0: the rule's).
+// The kernel options cuda_lanes_per_row, cuda_packs_in_flight and
+// cuda_splits set them; benchmarks/cuda_sweep.py times every combination.
+struct ForwardTuning {
+  XAccess access = XAccess::Auto;
+  int lanes_per_row = 0;    // 1, 2, 4, 8, 16 or 32
+  int packs_in_flight = 0;  // 2 or 4 (4 runs at batch tiles <= 4; larger tiles keep 2)
+  int splits = 0;           // 1, 2, 4 or 8
 };
 
 // ---- forward ---------------------------------------------------------------
@@ -80,12 +92,18 @@ struct ForwardProblem {
   // device), or nullptr: grad_x runs as a forward pass over W's column layout.
   const int64_t* row_offsets;
   int* bad_index_flag;     // set to 1 when an index is outside [0, in_features); may be nullptr
+  // Scratch [plan.splits, batch, out_features] when plan.splits > 1 (each
+  // split's sums, added in split order by a second kernel), else unused.
+  acc_t<scalar_t>* partial = nullptr;
 };
 
 // mean_row_length: fan_in, or entries / out_features for CSR rows.
 template <typename scalar_t>
 LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features, double mean_row_length,
-                        const DeviceLimits& limits, XAccess access);
+                        const DeviceLimits& limits, const ForwardTuning& tuning = {});
+
+// Elements of the `partial` buffer the plan needs (0 when plan.splits == 1).
+int64_t forward_partial_elements(const LaunchPlan& plan, int64_t batch, int64_t out_features);
 
 // Writes every y[b, o] with b < batch, o < out_features. Returns the first CUDA error.
 template <typename scalar_t, typename index_t>
