@@ -4,9 +4,13 @@ and reports where the planner's own pick (``auto``) is more than 10% slower
 than the best variant.
 
 A variant forces the kernel options ``cuda_lanes_per_row``,
-``cuda_packs_in_flight`` and ``cuda_splits`` (``condensed_ops.kernel_options``);
-fan-in splits are tried only at batch <= 16, where rows can be too few to fill
-the GPU. Times are CUDA-graph replays (``condensed_ops.bench.timing``); each
+``cuda_packs_in_flight`` and ``cuda_splits`` at batch <= 16 (where rows can be
+too few to fill the GPU and the weights' bytes bound the time), and
+``cuda_lanes_per_row`` with ``cuda_batch_tile`` above (where the gathers do);
+``rule`` is the planner's rule alone (``cuda_tuned=off``), ``auto`` what a user
+gets (the committed measured table first, csrc/kernels/cuda/tuned_forward.inc).
+``--emit-table PATH`` writes that table's lines for this GPU: every case whose
+best variant beats the rule by more than 5%. Times are CUDA-graph replays (``condensed_ops.bench.timing``); each
 call takes the next of several weight sets, together more than twice the L2,
 so the weights stream from device memory as they would in a model. The copy
 bandwidth of the same GPU (a 512 MB device-to-device copy, graph replay) is
@@ -16,6 +20,7 @@ measured in the same run: each case reports the share of it that its bytes
     python benchmarks/cuda_sweep.py                    # the issue's shapes, ~3 minutes on an H100
     python benchmarks/cuda_sweep.py --quick            # two shapes, bf16, batch 1 and 256
     python benchmarks/cuda_sweep.py --json sweep.json  # raw rows (default: $OUT/cuda_sweep.json when $OUT is set)
+    python benchmarks/cuda_sweep.py --emit-table csrc/kernels/cuda/tuned_forward.inc
 
 Prints a markdown table; needs a CUDA device and the built extension
 (``--device cpu`` runs the same script on the CPU ops, where the CUDA options
@@ -41,16 +46,38 @@ from condensed_ops.layout import to_dense
 SHAPES = ["768x3072", "3072x768", "4096x14336", "14336x4096", "1024x4096", "2048x8192", "8192x28672"]
 LANES = ("4", "8", "16", "32")
 PACKS = ("2", "4")
-SPLITS_SMALL_BATCH = ("1", "2", "4", "8")
+SPLITS = ("1", "2", "4", "8")
+TILES = ("2", "4", "8", "16")
+SMALL_BATCH = 16
 L2_MULTIPLE = 2.5  # weight sets cover this many times the L2
+IMPROVEMENT_TO_TABLE = 1.05
 
 
-def variants(batch: int) -> Dict[str, Dict[str, str]]:
-    """``{name: kernel options}``: the planner's pick, then every forced combination."""
-    out = {"auto": {}}
-    for lanes, packs, splits in itertools.product(LANES, PACKS, SPLITS_SMALL_BATCH if batch <= 16 else ("1",)):
-        out[f"l{lanes}p{packs}s{splits}"] = dict(cuda_lanes_per_row=lanes, cuda_packs_in_flight=packs, cuda_splits=splits)
+def variants(batch: int, dtype: torch.dtype = torch.bfloat16) -> Dict[str, Dict[str, str]]:
+    """``{name: kernel options}``: what users get, the rule alone, then the forced combinations."""
+    out: Dict[str, Dict[str, str]] = {"auto": {}, "rule": dict(cuda_tuned="off")}
+    if batch <= SMALL_BATCH:
+        for lanes, packs, splits in itertools.product(LANES, PACKS, SPLITS):
+            out[f"l{lanes}p{packs}s{splits}"] = dict(cuda_lanes_per_row=lanes, cuda_packs_in_flight=packs,
+                                                    cuda_splits=splits)
+    else:
+        largest = 16 // max(1, torch.empty((), dtype=dtype).element_size() // 2)  # kMaxBatchTile: 16, 8, 4
+        for lanes, tile in itertools.product(LANES, [t for t in TILES if int(t) <= largest]):
+            out[f"l{lanes}t{tile}"] = dict(cuda_lanes_per_row=lanes, cuda_batch_tile=tile)
     return out
+
+
+def table_line(row: dict, capability: int) -> str:
+    """The row's best variant as a TunedForward initializer (tuned_forward.inc)."""
+    options = variants(row["batch"], getattr(torch, row["dtype"]))[row["best"]]
+    number = lambda name: int(options.get(name, "0"))  # noqa: E731
+    in_features, out_features = map(int, row["shape"].split("x"))
+    element = torch.empty((), dtype=getattr(torch, row["dtype"])).element_size()
+    # Unforced fields keep the rule's value in plan_forward: 0 there is "the rule's".
+    return (f"{{{capability}, {element}, {row['batch']}, {in_features}, {out_features}, {row['fan_in']}, "
+            f"{{XAccess::Auto, {number('cuda_lanes_per_row')}, {number('cuda_packs_in_flight')}, "
+            f"{number('cuda_splits')}, {number('cuda_batch_tile')}}}}},  // {row['dtype']}, "
+            f"{row['rule_over_best']:.2f}x the rule")
 
 
 def forced(call: Callable[[], object], options: Dict[str, str]) -> Callable[[], object]:
@@ -95,7 +122,7 @@ def sweep_case(device: torch.device, dtype: torch.dtype, in_features: int, out_f
     reference = x.double() @ to_dense(layers[0].values.double(), layers[0].idx, in_features).t()
     errors = {}
     calls: Dict[str, Callable[[], object]] = {}
-    for name, options in variants(batch).items():
+    for name, options in variants(batch, dtype).items():
         with condensed_ops.kernel_options(**options):
             y = condensed_ops.condensed_linear(x, layers[0].values, layers[0].idx)
         errors[name] = ((y.double() - reference).norm() / reference.norm()).item()
@@ -112,13 +139,15 @@ def sweep_case(device: torch.device, dtype: torch.dtype, in_features: int, out_f
         pass
     times = time_interleaved(calls, device, rounds=rounds, max_seconds=max_seconds)
     us = {name: t.kernel_seconds * 1e6 for name, t in times.items()}
-    variant_us = {name: us[name] for name in variants(batch)}
-    best = min(variant_us, key=variant_us.get)
+    variant_us = {name: us[name] for name in variants(batch, dtype)}
+    best = min((name for name in variant_us if name not in ("auto", "rule")), key=variant_us.get)
+    if variant_us["rule"] <= variant_us[best]:
+        best = "rule"
     moved = weight_bytes + (batch * (in_features + out_features)) * element
     return dict(
         dtype=str(dtype).replace("torch.", ""), shape=f"{in_features}x{out_features}", sparsity=sparsity, batch=batch,
         fan_in=fan_in, weight_sets=n_sets, us=us, rel_err=errors, best=best,
-        auto_over_best=variant_us["auto"] / variant_us[best],
+        auto_over_best=variant_us["auto"] / variant_us[best], rule_over_best=variant_us["rule"] / variant_us[best],
         auto_vs_dense=us["dense"] / us["auto"], best_vs_dense=us["dense"] / us[best],
         auto_vs_dense_tf32=us["dense_tf32"] / us["auto"] if "dense_tf32" in us else None,
         auto_vs_csr=us["csr"] / us["auto"] if "csr" in us else None,
@@ -152,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4096x14336 and 768x3072, bf16, batch 1 and 256")
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--emit-table", default=None, metavar="PATH",
+                        help="write tuned_forward.inc lines for this GPU's cases where a variant beats the rule by > 5%%")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.dtype, args.batch = ["4096x14336", "768x3072"], ["bfloat16"], [1, 256]
@@ -181,6 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(rows))
     off = [r for r in rows if r["auto_over_best"] > 1.1]
     print(f"\nthe planner's pick is > 10% slower than the best variant in {len(off)} of {len(rows)} cases")
+    if args.emit_table and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        lines = [table_line(r, 10 * major + minor) for r in rows
+                 if r["best"] != "rule" and r["rule_over_best"] > IMPROVEMENT_TO_TABLE]
+        with open(args.emit_table, "a") as f:
+            f.write(f"// {name}, torch {torch.__version__}: benchmarks/cuda_sweep.py\n" + "".join(l + "\n" for l in lines))
+        print(f"{len(lines)} table lines appended to {args.emit_table}")
     wrong = [r for r in rows if max(r["rel_err"].values()) > 2e-2]
     return 1 if wrong else 0
 

@@ -26,6 +26,8 @@ const std::array<Spec, size_t(KernelOption::kCount)>& specs() {
       {"cuda_lanes_per_row", "CONDENSED_OPS_CUDA_LANES_PER_ROW", {"auto", "1", "2", "4", "8", "16", "32"}},
       {"cuda_packs_in_flight", "CONDENSED_OPS_CUDA_PACKS_IN_FLIGHT", {"auto", "2", "4"}},
       {"cuda_splits", "CONDENSED_OPS_CUDA_SPLITS", {"auto", "1", "2", "4", "8"}},
+      {"cuda_batch_tile", "CONDENSED_OPS_CUDA_BATCH_TILE", {"auto", "1", "2", "4", "8", "16"}},
+      {"cuda_tuned", "CONDENSED_OPS_CUDA_TUNED", {"auto", "off"}},
   }};
   return table;
 }
@@ -33,7 +35,7 @@ const std::array<Spec, size_t(KernelOption::kCount)>& specs() {
 // The typed choices (kernel_options.h) follow the table's names.
 static_assert(int(CpuIsaChoice::Avx512) == 3 && int(CpuStrategyChoice::Tiled) == 3 &&
               int(CpuSmallBatchChoice::Scalar) == 2 && int(CudaXChoice::Global) == 2 &&
-              int(CudaGradInputChoice::Columns) == 2);
+              int(CudaGradInputChoice::Columns) == 2 && int(CudaTunedChoice::Off) == 1);
 
 // Each option's choice index; -1 until first read.
 struct Current {

@@ -21,6 +21,8 @@ enum class KernelOption : int {
   CudaLanesPerRow,     // CUDA forward: lanes that share one output row
   CudaPacksInFlight,   // CUDA forward: 16-byte weight packs a lane loads before it gathers
   CudaSplits,          // CUDA forward: blocks that share one row's fan-in
+  CudaBatchTile,       // CUDA forward: batch rows per pass
+  CudaTuned,           // CUDA forward: the measured table (tuned_forward.inc) before the rule, or the rule alone
   kCount,
 };
 
@@ -31,6 +33,7 @@ enum class CpuStrategyChoice { Auto, Gather, Scalar, Tiled };
 enum class CpuSmallBatchChoice { Auto, Gather, Scalar };
 enum class CudaXChoice { Auto, Shared, Global };
 enum class CudaGradInputChoice { Auto, Scatter, Columns };
+enum class CudaTunedChoice { Auto, Off };
 
 template <KernelOption option> struct ChoiceOf;
 template <> struct ChoiceOf<KernelOption::CpuIsa> { using type = CpuIsaChoice; };
@@ -38,6 +41,7 @@ template <> struct ChoiceOf<KernelOption::CpuStrategy> { using type = CpuStrateg
 template <> struct ChoiceOf<KernelOption::CpuSmallBatch> { using type = CpuSmallBatchChoice; };
 template <> struct ChoiceOf<KernelOption::CudaX> { using type = CudaXChoice; };
 template <> struct ChoiceOf<KernelOption::CudaGradInput> { using type = CudaGradInputChoice; };
+template <> struct ChoiceOf<KernelOption::CudaTuned> { using type = CudaTunedChoice; };
 
 // The index of the option's current value among its choices (0 = "auto").
 // Throws std::invalid_argument if its environment variable holds no choice.

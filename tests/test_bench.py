@@ -298,9 +298,13 @@ def test_cuda_variant_sweep_runs_end_to_end_on_the_cpu_ops(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 17), ("bfloat16", 1), ("bfloat16", 17)]
     for row in rows:
-        names = set(cuda_sweep.variants(row["batch"]))
+        names = set(cuda_sweep.variants(row["batch"], getattr(torch, row["dtype"])))
         assert names <= set(row["us"]) and "dense" in row["us"]
         assert max(row["rel_err"].values()) < 2e-2
-        assert row["auto_over_best"] >= 1.0
-    assert len(cuda_sweep.variants(1)) == 1 + 4 * 2 * 4 and len(cuda_sweep.variants(256)) == 1 + 4 * 2
+        assert row["rule_over_best"] >= 1.0 and row["best"] != "auto"
+        line = cuda_sweep.table_line(row, 90)
+        assert line.startswith(f"{{90, {2 if row['dtype'] == 'bfloat16' else 4}, {row['batch']}, 40, 24, 4, {{XAccess::Auto, ")
+    assert len(cuda_sweep.variants(1)) == 2 + 4 * 2 * 4
+    assert len(cuda_sweep.variants(256, torch.bfloat16)) == 2 + 4 * 4
+    assert len(cuda_sweep.variants(256, torch.float32)) == 2 + 4 * 3
     assert "| float32 | 40→24 |" in capsys.readouterr().out

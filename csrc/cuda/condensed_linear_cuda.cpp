@@ -65,13 +65,14 @@ k::XAccess x_access() {
 }
 
 // The forward plan's forced choices: kernel options cuda_x and the forward
-// variants (cuda_lanes_per_row, cuda_packs_in_flight, cuda_splits).
+// variants (cuda_lanes_per_row, cuda_packs_in_flight, cuda_splits, cuda_batch_tile).
 k::ForwardTuning forward_tuning() {
   k::ForwardTuning tuning;
   tuning.access = x_access();
   tuning.lanes_per_row = kernel_option_number(KernelOption::CudaLanesPerRow);
   tuning.packs_in_flight = kernel_option_number(KernelOption::CudaPacksInFlight);
   tuning.splits = kernel_option_number(KernelOption::CudaSplits);
+  tuning.batch_tile = kernel_option_number(KernelOption::CudaBatchTile);
   return tuning;
 }
 
@@ -84,7 +85,7 @@ void run_forward(k::ForwardProblem<scalar_t, index_t> p, double mean_row_length,
   using acc = k::acc_t<scalar_t>;
   const k::LaunchPlan plan =
       k::plan_forward<scalar_t>(p.batch, p.in_features, p.out_features, mean_row_length, device_limits(call.device),
-                                tuning);
+                                tuning, kernel_option<KernelOption::CudaTuned>() == CudaTunedChoice::Auto);
   const int64_t partial_elements = k::forward_partial_elements(plan, p.batch, p.out_features);
   const at::Tensor partial = partial_elements > 0
                                  ? at::empty({partial_elements}, like.options().dtype(c10::CppTypeToScalarType<acc>::value))

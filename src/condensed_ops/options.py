@@ -16,7 +16,10 @@ The options and their choices (the first, ``"auto"``, lets the package decide):
 - the CUDA forward's variants (``benchmarks/cuda_sweep.py`` times them all):
   ``cuda_lanes_per_row``: ``auto``, ``1`` .. ``32`` (powers of two);
   ``cuda_packs_in_flight``: ``auto``, ``2``, ``4``; ``cuda_splits``: ``auto``,
-  ``1``, ``2``, ``4``, ``8`` (blocks sharing one row's fan-in).
+  ``1``, ``2``, ``4``, ``8`` (blocks sharing one row's fan-in); ``cuda_batch_tile``:
+  ``auto``, ``1`` .. ``16`` (batch rows per pass, powers of two); ``cuda_tuned``:
+  ``auto`` (variants measured on this GPU architecture first, where the package
+  has them), ``off`` (the planner's rule alone).
 
 ``condensed_ops._C.cpu_capabilities()`` shows the options in force and what the
 calibration chose.

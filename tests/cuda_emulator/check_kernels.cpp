@@ -88,10 +88,10 @@ struct Case {
     char s[320];
     std::snprintf(s, sizeof s, "batch=%" PRId64 " in=%" PRId64 " out=%" PRId64 " fan_in=%" PRId64
                   " x_pad=%" PRId64 " y_pad=%" PRId64 " expanded_x=%d bias=%d bad=%d x=%s sms=%d grid_y<=%d"
-                  " lanes=%d packs=%d splits=%d",
+                  " lanes=%d packs=%d splits=%d tile=%d",
                   batch, in_features, out_features, fan_in, x_row_padding, y_row_padding, int(expanded_x), int(bias),
                   bad_indices, access_names[int(access)], limits.multiprocessors, limits.max_grid_y,
-                  forced.lanes_per_row, forced.packs_in_flight, forced.splits);
+                  forced.lanes_per_row, forced.packs_in_flight, forced.splits, forced.batch_tile);
     return s;
   }
 };
@@ -620,11 +620,13 @@ std::vector<Case> make_cases(bool full) {
   // The forward's forced variants (what benchmarks/cuda_sweep.py times):
   // lanes per row, four packs in flight, fan-in splits, including splits
   // left with no entries and splits over rows with unaligned heads.
-  const k::ForwardTuning variants[] = {{k::XAccess::Auto, 1, 4, 8}, {k::XAccess::Auto, 2, 4, 4},
-                                       {k::XAccess::Auto, 32, 2, 2}, {k::XAccess::Auto, 4, 4, 1},
-                                       {k::XAccess::Auto, 8, 2, 8}};
+  // Forced batch tiles: larger than the planner's budget allows, or than x fits at all (then x goes through L1).
+  const k::ForwardTuning variants[] = {{k::XAccess::Auto, 1, 4, 8, 0}, {k::XAccess::Auto, 2, 4, 4, 2},
+                                       {k::XAccess::Auto, 32, 2, 2, 0}, {k::XAccess::Auto, 4, 4, 1, 16},
+                                       {k::XAccess::Auto, 8, 2, 8, 8}};
   const Case variant_bases[] = {{1, 37, 29, 11}, {2, 200, 3, 150}, {5, 100, 40, 19, 0, 3}, {3, 50, 21, 7, 5, 3},
-                                {4, 33, 9, 5, 0, 0, true}, {1, 3000, 6, 1200, 0, 0, false, true, 3}};
+                                {4, 33, 9, 5, 0, 0, true}, {1, 3000, 6, 1200, 0, 0, false, true, 3},
+                                {40, 70, 10, 24}, {21, 13000, 3, 20}};
   for (size_t i = 0; i < std::size(variant_bases); ++i) {
     for (size_t v = 0; v < std::size(variants); ++v) {
       if ((i + v) % 2 != 0) continue;  // half of the pairs: enough to reach every path, half the time
@@ -652,6 +654,40 @@ std::vector<Case> make_cases(bool full) {
 }
 
 }  // namespace
+
+// The measured-variant lookup: same architecture and value size, each
+// dimension within a factor of 2, the nearest wins; and a plan takes its choice.
+void check_tuned_lookup() {
+  const k::XAccess a = k::XAccess::Auto;
+  const k::TunedForward table[] = {
+      {90, 2, 1, 4096, 14336, 410, {a, 16, 4, 1, 0}},
+      {90, 2, 256, 4096, 14336, 410, {a, 8, 2, 1, 16}},
+      {90, 4, 1, 4096, 14336, 410, {a, 32, 4, 2, 0}},
+      {80, 2, 1, 4096, 14336, 410, {a, 4, 2, 1, 0}},
+  };
+  const auto pick = [&](int cc, int bytes, int64_t batch, int64_t in, int64_t out, double fan_in) {
+    const k::TunedForward* t = k::nearest_tuned_forward(table, std::size(table), cc, bytes, batch, in, out, fan_in);
+    return t == nullptr ? -1 : int(t - table);
+  };
+  expect(pick(90, 2, 1, 4096, 14336, 410) == 0, "tuned: exact entry", "");
+  expect(pick(90, 2, 2, 3000, 16000, 300) == 0, "tuned: near entry", "");
+  expect(pick(90, 2, 128, 4096, 14336, 410) == 1, "tuned: nearest batch", "");
+  expect(pick(90, 2, 16, 4096, 14336, 410) == -1, "tuned: batch 16 is 4 doublings from both", "");
+  expect(pick(90, 4, 1, 4096, 14336, 410) == 2 && pick(80, 2, 1, 4096, 14336, 410) == 3, "tuned: per dtype, per arch", "");
+  expect(pick(86, 2, 1, 4096, 14336, 410) == -1 && pick(0, 2, 1, 4096, 14336, 410) == -1, "tuned: unknown arch", "");
+  expect(pick(90, 2, 1, 1024, 14336, 410) == -1 && pick(90, 2, 1, 4096, 14336, 100) == -1, "tuned: too far", "");
+  // The committed table: well-formed entries whose choices the plans accept.
+  size_t entries = 0;
+  const k::TunedForward* committed = k::tuned_forward_table(&entries);
+  for (size_t i = 0; i < entries; ++i) {
+    const k::ForwardTuning& c = committed[i].choice;
+    const bool ok = committed[i].compute_capability == 0 ||
+                    (c.access == k::XAccess::Auto && c.lanes_per_row >= 1 && c.lanes_per_row <= 32 &&
+                     (c.lanes_per_row & (c.lanes_per_row - 1)) == 0 && (c.packs_in_flight == 2 || c.packs_in_flight == 4) &&
+                     c.splits >= 1 && c.splits <= 8 && c.batch_tile >= 0 && c.batch_tile <= 16);
+    expect(ok, "tuned: a committed entry's choice is out of range", std::to_string(i));
+  }
+}
 
 // The rule's forward plans for the benchmark shapes on an H100/H200 (132 SMs,
 // 227 KB of shared memory per block): what csrc/kernels/cuda/NOTES.md's model
@@ -701,6 +737,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
+  check_tuned_lookup();
   check_plans<float>();
   check_plans<double>();
   check_plans<__half>();

@@ -544,6 +544,8 @@ extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kMaxSharedPerBlockOptin; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = emu::kMaxSharedPerMultiprocessor; return cudaSuccess;
     case cudaDevAttrMaxGridDimY: *value = 65535; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }

@@ -212,16 +212,68 @@ __global__ void add_split_sums_kernel(const ForwardProblem<scalar_t, index_t> p,
 
 }  // namespace
 
+const TunedForward* tuned_forward_table(size_t* entries) {
+  static const TunedForward table[] = {
+#include "tuned_forward.inc"
+      {0, 0, 0, 0, 0, 0, {}},  // (an array needs one entry; compute capability 0 matches no device)
+  };
+  *entries = sizeof(table) / sizeof(table[0]);
+  return table;
+}
+
+const TunedForward* nearest_tuned_forward(const TunedForward* table, size_t entries, int compute_capability,
+                                          int value_bytes, int64_t batch, int64_t in_features, int64_t out_features,
+                                          double fan_in) {
+  const TunedForward* best = nullptr;
+  double best_distance = 0.0;
+  for (size_t i = 0; i < entries; ++i) {
+    const TunedForward& t = table[i];
+    if (t.compute_capability != compute_capability || compute_capability == 0 || t.value_bytes != value_bytes) continue;
+    const double ratios[] = {double(std::max<int64_t>(batch, 1)) / double(std::max<int64_t>(t.batch, 1)),
+                             double(in_features) / double(std::max<int64_t>(t.in_features, 1)),
+                             double(out_features) / double(std::max<int64_t>(t.out_features, 1)),
+                             std::max(fan_in, 1.0) / double(std::max<int64_t>(t.fan_in, 1))};
+    double distance = 0.0;
+    bool near = true;
+    for (const double r : ratios) {
+      const double d = std::abs(std::log2(r));
+      near &= d <= 1.0;
+      distance += d;
+    }
+    if (near && (best == nullptr || distance < best_distance)) {
+      best = &t;
+      best_distance = distance;
+    }
+  }
+  return best;
+}
+
 template <typename scalar_t>
 LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features, double mean_row_length,
-                        const DeviceLimits& limits, const ForwardTuning& tuning) {
+                        const DeviceLimits& limits, const ForwardTuning& forced, bool use_table) {
   constexpr int V = kVector<scalar_t>;
+  ForwardTuning tuning = forced;
+  const bool nothing_forced = forced.access == XAccess::Auto && forced.lanes_per_row == 0 &&
+                              forced.packs_in_flight == 0 && forced.splits == 0 && forced.batch_tile == 0;
+  if (nothing_forced && use_table) {
+    size_t entries = 0;
+    const TunedForward* table = tuned_forward_table(&entries);
+    const TunedForward* tuned = nearest_tuned_forward(table, entries, limits.compute_capability, int(sizeof(scalar_t)),
+                                                      batch, in_features, out_features, mean_row_length);
+    if (tuned != nullptr) tuning = tuned->choice;
+  }
   const XAccess access = tuning.access;
   LaunchPlan plan;
   plan.threads = kThreads;
   const int64_t sms = std::max(1, limits.multiprocessors);
   bool fits = false;
-  const int tile = plan_batch_tile<scalar_t>(batch, in_features, 0, shared_budget(limits), access, &fits);
+  int tile = 1;
+  if (tuning.batch_tile > 0) {
+    tile = std::min(tuning.batch_tile, kMaxBatchTile<scalar_t>);
+    fits = slab_bytes<scalar_t>(in_features, tile) + 1024 <= size_t(std::max(0, limits.max_shared_bytes_per_block));
+  } else {
+    tile = plan_batch_tile<scalar_t>(batch, in_features, 0, shared_budget(limits), access, &fits);
+  }
   const size_t slab = slab_bytes<scalar_t>(in_features, tile);
   bool shared_x = access == XAccess::Shared ? fits : access == XAccess::Auto && fits;
   const int64_t slabs = std::max<int64_t>(1, (batch + tile - 1) / tile);
@@ -325,7 +377,7 @@ cudaError_t launch_forward(const ForwardProblem<scalar_t, index_t>& p, const Lau
 // ---- explicit instantiations -------------------------------------------------
 #define CONDENSED_OPS_FORWARD_PLAN(scalar_t)                                                               \
   template LaunchPlan plan_forward<scalar_t>(int64_t, int64_t, int64_t, double, const DeviceLimits&,        \
-                                             const ForwardTuning&);
+                                             const ForwardTuning&, bool);
 #define CONDENSED_OPS_FORWARD_LAUNCH(scalar_t, index_t)                                                    \
   template cudaError_t launch_forward<scalar_t, index_t>(const ForwardProblem<scalar_t, index_t>&,         \
                                                           const LaunchPlan&, cudaStream_t);

@@ -42,6 +42,7 @@ struct DeviceLimits {
   int max_shared_bytes_per_block = 48 * 1024;  // the opt-in limit
   int max_shared_bytes_per_multiprocessor = 48 * 1024;
   int max_grid_y = 65535;  // more batch slabs than this: blocks stride over them
+  int compute_capability = 0;  // 10 * major + minor (80, 90, ...); 0: unknown (no measured table applies)
 };
 cudaError_t query_device_limits(int device, DeviceLimits* limits);
 
@@ -64,13 +65,15 @@ struct LaunchPlan {
 };
 
 // Forward plan choices forced instead of the planner's rule (0: the rule's).
-// The kernel options cuda_lanes_per_row, cuda_packs_in_flight and
-// cuda_splits set them; benchmarks/cuda_sweep.py times every combination.
+// The kernel options cuda_lanes_per_row, cuda_packs_in_flight, cuda_splits
+// and cuda_batch_tile set them; benchmarks/cuda_sweep.py times the combinations.
 struct ForwardTuning {
   XAccess access = XAccess::Auto;
   int lanes_per_row = 0;    // 1, 2, 4, 8, 16 or 32
   int packs_in_flight = 0;  // 2 or 4 (4 runs at batch tiles <= 4; larger tiles keep 2)
   int splits = 0;           // 1, 2, 4 or 8
+  int batch_tile = 0;       // 1..16 (capped by the value type's largest tile); staged in shared memory up to the
+                            // device's opt-in limit, not the planner's budget, else x is read through L1
 };
 
 // ---- forward ---------------------------------------------------------------
@@ -97,10 +100,33 @@ struct ForwardProblem {
   acc_t<scalar_t>* partial = nullptr;
 };
 
-// mean_row_length: fan_in, or entries / out_features for CSR rows.
+// A variant measured fastest on one architecture (benchmarks/cuda_sweep.py
+// --emit-table writes these; tuned_forward.inc holds the committed ones).
+struct TunedForward {
+  int compute_capability;  // 80, 90, ...
+  int value_bytes;         // sizeof the value type: 2, 4 or 8
+  int64_t batch, in_features, out_features, fan_in;
+  ForwardTuning choice;    // its access is always Auto
+};
+
+// The entry of `table` for the same architecture and value size whose batch,
+// in_features, out_features and fan_in are each within a factor of 2 of the
+// problem's, nearest in the sum of |log2 ratios|; nullptr when none is (the
+// planner's rule decides then, as on every GPU the table does not name).
+const TunedForward* nearest_tuned_forward(const TunedForward* table, size_t entries, int compute_capability,
+                                          int value_bytes, int64_t batch, int64_t in_features, int64_t out_features,
+                                          double fan_in);
+
+// The committed measurements (tuned_forward.inc).
+const TunedForward* tuned_forward_table(size_t* entries);
+
+// mean_row_length: fan_in, or entries / out_features for CSR rows. With no
+// choice forced (tuning all 0 and Auto) and `use_table`, a measured variant
+// from tuned_forward_table() for a near problem on this architecture wins
+// over the rule.
 template <typename scalar_t>
 LaunchPlan plan_forward(int64_t batch, int64_t in_features, int64_t out_features, double mean_row_length,
-                        const DeviceLimits& limits, const ForwardTuning& tuning = {});
+                        const DeviceLimits& limits, const ForwardTuning& tuning = {}, bool use_table = true);
 
 // Elements of the `partial` buffer the plan needs (0 when plan.splits == 1).
 int64_t forward_partial_elements(const LaunchPlan& plan, int64_t batch, int64_t out_features);

@@ -13,6 +13,10 @@ cudaError_t query_device_limits(int device, DeviceLimits* limits) {
                                  cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   }
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limits->max_grid_y, cudaDevAttrMaxGridDimY, device);
+  int major = 0, minor = 0;
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  limits->compute_capability = 10 * major + minor;
   return err;
 }
 
