@@ -31,4 +31,12 @@ const ForwardOp& forward_op() {
 // column layout) see the same tensor on every call.
 at::Tensor expanded_group_indices(const at::Tensor& idx, int64_t group_size);
 
+// The grouped backward ops by the row layout's (every backend without grouped
+// backward kernels, and shapes where those do not pay): checked, then the
+// row ops over the expanded indices.
+at::Tensor grouped_grad_input_by_rows(const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& idx,
+                                      int64_t in_features);
+at::Tensor grouped_grad_values_by_rows(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx,
+                                       int64_t group_size);
+
 }  // namespace condensed_ops

@@ -145,6 +145,40 @@ void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const a
   check_in_features(op, x.size(-1));
 }
 
+void check_condensed_linear_grouped_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,
+                                                      const at::Tensor& idx, int64_t in_features) {
+  constexpr const char* op = "condensed_linear_grouped";
+  check_grouped_layout(op, values, idx);
+  const int64_t out_features = values.size(0) * values.size(1);
+  TORCH_CHECK_VALUE(grad_y.dim() >= 1 && grad_y.size(-1) == out_features, op,
+                    ": grad_y must be [..., out_features] with out_features = groups * group_size = ", out_features,
+                    ", got shape ", grad_y.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == values.scalar_type(), op, ": grad_y must have values' dtype (",
+                   dtype_name(values.scalar_type()), "), got ", dtype_name(grad_y.scalar_type()));
+  check_same_device(op, "values", values, grad_y, "grad_y");
+  check_same_device(op, "idx", idx, grad_y, "grad_y");
+  check_in_features(op, in_features, "in_features");
+}
+
+void check_condensed_linear_grouped_grad_values_inputs(const at::Tensor& grad_y, const at::Tensor& x,
+                                                       const at::Tensor& idx, int64_t group_size) {
+  constexpr const char* op = "condensed_linear_grouped";
+  check_index_dtype(op, idx);
+  TORCH_CHECK_VALUE(idx.dim() == 2, op, ": idx must be 2-D [groups, fan_in], got shape ", idx.sizes());
+  TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  check_value_dtype(op, "x", x);
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype (",
+                   dtype_name(x.scalar_type()), "), got ", dtype_name(grad_y.scalar_type()));
+  const int64_t out_features = idx.size(0) * group_size;
+  TORCH_CHECK_VALUE(x.dim() >= 1 && grad_y.dim() == x.dim() && grad_y.size(-1) == out_features &&
+                        grad_y.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    op, ": grad_y must be x's leading dims + [out_features = groups * group_size = ", out_features,
+                    "], got grad_y ", grad_y.sizes(), " and x ", x.sizes());
+  check_same_device(op, "grad_y", grad_y, x, "x");
+  check_same_device(op, "idx", idx, x, "x");
+  check_in_features(op, x.size(-1));
+}
+
 void check_pack_inputs(const at::Tensor& values, const at::Tensor& idx, int64_t in_features,
                        const std::optional<at::Tensor>& active_rows, int64_t out_features) {
   constexpr const char* op = "pack_for_inference";

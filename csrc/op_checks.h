@@ -24,6 +24,11 @@ void check_condensed_linear_grouped_inputs(const at::Tensor& x, const at::Tensor
 void check_condensed_linear_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,
                                               const at::Tensor& idx, int64_t in_features);
 void check_condensed_linear_grad_values_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx);
+// The grouped layout's backward ops: values [groups, group_size, fan_in] / group_size.
+void check_condensed_linear_grouped_grad_input_inputs(const at::Tensor& grad_y, const at::Tensor& values,
+                                                      const at::Tensor& idx, int64_t in_features);
+void check_condensed_linear_grouped_grad_values_inputs(const at::Tensor& grad_y, const at::Tensor& x,
+                                                       const at::Tensor& idx, int64_t group_size);
 
 // The window layout's ops: building one, and running x through one. Whether
 // packed really holds a layout is the backend's check (it reads the bytes).

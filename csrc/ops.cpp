@@ -14,9 +14,8 @@
 namespace condensed_ops {
 
 // Gradients for x, values and bias (idx is structure, not a parameter), from
-// the row layout's backward ops. The grouped layout is the row layout with
-// each group's idx row repeated (grouped.h): its values view as rows, and the
-// row gradients view back as [groups, group_size, fan_in].
+// the backward ops of the layout: per-row, or grouped (on backends without
+// grouped backward kernels those run the row layout's on the expanded indices).
 template <bool kGrouped>
 class CondensedLinearFunction : public torch::autograd::Function<CondensedLinearFunction<kGrouped>> {
  public:
@@ -38,18 +37,27 @@ class CondensedLinearFunction : public torch::autograd::Function<CondensedLinear
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("condensed_ops::condensed_linear_grad_values", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    static const auto grouped_grad_input_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("condensed_ops::condensed_linear_grouped_grad_input", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt)>();
+    static const auto grouped_grad_values_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("condensed_ops::condensed_linear_grouped_grad_values", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& values = saved[1];
+    const at::Tensor& idx = saved[2];
     const at::Tensor& grad_y = grad_outputs[0];
-    at::Tensor value_rows = values, idx_rows = saved[2];
-    if constexpr (kGrouped) {
-      value_rows = values.reshape({values.size(0) * values.size(1), values.size(2)});
-      idx_rows = expanded_group_indices(saved[2], values.size(1));
-    }
     at::Tensor grad_x, grad_values, grad_bias;
-    if (ctx->needs_input_grad(0)) grad_x = grad_input_op.call(grad_y, value_rows, idx_rows, x.sym_size(-1));
-    if (ctx->needs_input_grad(1)) grad_values = grad_values_op.call(grad_y, x, idx_rows).view(values.sizes());
+    if constexpr (kGrouped) {
+      if (ctx->needs_input_grad(0)) grad_x = grouped_grad_input_op.call(grad_y, values, idx, x.sym_size(-1));
+      if (ctx->needs_input_grad(1)) grad_values = grouped_grad_values_op.call(grad_y, x, idx, values.sym_size(1));
+    } else {
+      if (ctx->needs_input_grad(0)) grad_x = grad_input_op.call(grad_y, values, idx, x.sym_size(-1));
+      if (ctx->needs_input_grad(1)) grad_values = grad_values_op.call(grad_y, x, idx);
+    }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       std::vector<int64_t> leading(grad_y.dim() - 1);
       std::iota(leading.begin(), leading.end(), 0);
@@ -100,6 +108,9 @@ TORCH_LIBRARY(condensed_ops, m) {
   // The backward ops, public so other autograd code (or a custom kernel) can reuse them.
   m.def("condensed_linear_grad_input(Tensor grad_y, Tensor values, Tensor idx, SymInt in_features) -> Tensor");
   m.def("condensed_linear_grad_values(Tensor grad_y, Tensor x, Tensor idx) -> Tensor");
+  // The grouped layout's: values [groups, group_size, fan_in] / grad_values [groups, group_size, fan_in].
+  m.def("condensed_linear_grouped_grad_input(Tensor grad_y, Tensor values, Tensor idx, SymInt in_features) -> Tensor");
+  m.def("condensed_linear_grouped_grad_values(Tensor grad_y, Tensor x, Tensor idx, SymInt group_size) -> Tensor");
   // Inference on CPU: (values, idx) rearranged once into the window layout (a
   // uint8 tensor, cached per version of its sources), then run from it. With
   // active_rows (output of each row), the layout has all out_features outputs,
@@ -118,6 +129,12 @@ TORCH_LIBRARY_IMPL(condensed_ops, CompositeImplicitAutograd, m) {
   m.impl("index_view", &index_view);
 }
 
+// Backends without grouped backward kernels (CUDA) run the row layout's; the CPU registers its own.
+TORCH_LIBRARY_IMPL(condensed_ops, CompositeExplicitAutograd, m) {
+  m.impl("condensed_linear_grouped_grad_input", &grouped_grad_input_by_rows);
+  m.impl("condensed_linear_grouped_grad_values", &grouped_grad_values_by_rows);
+}
+
 TORCH_LIBRARY_IMPL(condensed_ops, AutocastCPU, m) {
   m.impl("condensed_linear", &condensed_linear_autocast<c10::DeviceType::CPU, false>);
   m.impl("condensed_linear_grouped", &condensed_linear_autocast<c10::DeviceType::CPU, true>);
@@ -133,6 +150,8 @@ TORCH_LIBRARY_IMPL(condensed_ops, Autograd, m) {
   // No double backward: differentiating the backward ops raises "not implemented".
   m.impl("condensed_linear_grad_input", torch::autograd::autogradNotImplementedFallback());
   m.impl("condensed_linear_grad_values", torch::autograd::autogradNotImplementedFallback());
+  m.impl("condensed_linear_grouped_grad_input", torch::autograd::autogradNotImplementedFallback());
+  m.impl("condensed_linear_grouped_grad_values", torch::autograd::autogradNotImplementedFallback());
   // Inference only: a gradient through the window layout raises "not implemented".
   m.impl("pack_for_inference", torch::autograd::autogradNotImplementedFallback());
   m.impl("condensed_linear_packed", torch::autograd::autogradNotImplementedFallback());

@@ -12,6 +12,7 @@ from conftest import (
     INDEX_DTYPES,
     SUPPORTED_ISAS,
     VALUE_DTYPES,
+    WIDEST_ISA,
     _generator,
     assert_matches_reference,
     cpu_kernel,
@@ -97,6 +98,85 @@ def test_gradients_match_float64_reference(batch):
     for actual, t in zip(got, (x, values, bias)):
         assert actual.shape == t.shape
         torch.testing.assert_close(actual, t.grad, rtol=1e-12, atol=1e-12)
+
+
+grouped_grad_input = torch.ops.condensed_ops.condensed_linear_grouped_grad_input
+grouped_grad_values = torch.ops.condensed_ops.condensed_linear_grouped_grad_values
+# Relative to the largest reference gradient: the sums run over the batch or a column's outputs.
+BACKWARD_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Shapes for the grouped backward kernels (float32, a batch of 16 or more,
+# groups of 2 or more) on top of SHAPES: one and both batch vectors per pass,
+# row blocks with tails, fan_in not a multiple of 4, one column.
+BACKWARD_SHAPES = SHAPES + [((256,), 200, 9, 8, 40), ((16,), 33, 2, 13, 33), ((300,), 24, 4, 5, 1), ((4, 12), 70, 3, 9, 17)]
+
+
+def runs_grouped_backward_kernels(isa, batch, group_size, dtype):
+    return isa != "portable" and dtype == torch.float32 and batch >= 16 and group_size >= 2
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}x{s[3]}x{s[4]}")
+@pytest.mark.parametrize("dtype", VALUE_DTYPES, ids=lambda d: str(d)[6:])
+def test_backward_ops_match_float64_reference(isa, shape, dtype):
+    batch, in_features, groups, group_size, fan_in = shape
+    x, values, idx, _ = grouped_sample(batch, in_features, groups, group_size, fan_in, dtype, bias=False, seed=1)
+    grad_y = torch.randn(*batch, groups * group_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with cpu_kernel(isa):
+        grad_x = grouped_grad_input(grad_y, values, idx, in_features)
+        grad_values = grouped_grad_values(grad_y, x, idx, group_size)
+        kernel = condensed_ops._C._last_cpu_kernel()
+    rows = torch.Size(batch).numel()
+    if runs_grouped_backward_kernels(isa, rows, group_size, dtype):
+        assert kernel == f"{isa} grouped_grad_values"
+    x64, values64 = x.double().requires_grad_(), values.double().requires_grad_()
+    reference_condensed_linear(x64, values64, idx).backward(grad_y.double())
+    for got, expected in ((grad_x, x64.grad), (grad_values, values64.grad)):
+        assert got.dtype == dtype and got.shape == expected.shape
+        error = (got.double() - expected).abs().max().item()
+        assert error <= BACKWARD_TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), error
+
+
+def test_training_runs_the_grouped_backward_kernels():
+    x, values, idx, bias = grouped_sample((64,), 120, 6, 8, 15)
+    x.requires_grad_(), values.requires_grad_()
+    grad_y = torch.randn(64, 48)
+    with cpu_kernel(WIDEST_ISA):
+        condensed_ops.condensed_linear(x, values, idx, bias).backward(grad_y)
+        ran = condensed_ops._C._last_cpu_kernel()
+    assert ran.endswith(("grouped_grad_values", "grouped_grad_input")) or WIDEST_ISA == "portable", ran
+    x64, values64 = x.detach().double().requires_grad_(), values.detach().double().requires_grad_()
+    reference_condensed_linear(x64, values64, idx, bias.double()).backward(grad_y.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad.double(), values64.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+def test_backward_ops_opcheck(batch):
+    x, values, idx, _ = grouped_sample((batch,), 40, 3, 8, 6)
+    grad_y = torch.randn(batch, 24)
+    torch.library.opcheck(grouped_grad_input.default, (grad_y, values, idx, 40))
+    torch.library.opcheck(grouped_grad_values.default, (grad_y, x, idx, 8))
+
+
+def test_backward_ops_reject_bad_input_naming_it():
+    x, values, idx, _ = grouped_sample((20,), 40, 3, 8, 6)
+    grad_y = torch.randn(20, 24)
+    bad = idx.clone()
+    bad[2, 5] = 40
+    with pytest.raises(IndexError, match="idx"):
+        grouped_grad_input(grad_y, values, bad, 40)
+    with pytest.raises(IndexError, match="idx"):
+        grouped_grad_values(grad_y, x, bad, 8)
+    with pytest.raises(ValueError, match="group_size"):
+        grouped_grad_values(grad_y, x, idx, 0)
+    with pytest.raises(ValueError, match="grad_y"):
+        grouped_grad_values(grad_y, x, idx, 4)
+    with pytest.raises(ValueError, match="grad_y"):
+        grouped_grad_input(grad_y[:, :20], values, idx, 40)
+    with pytest.raises(ValueError, match="values must be 3-D"):
+        grouped_grad_input(grad_y, values.reshape(24, 6), idx, 40)
+    with pytest.raises(TypeError, match="grad_y"):
+        grouped_grad_input(grad_y.double(), values, idx, 40)
 
 
 def test_gradcheck():

@@ -449,6 +449,108 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
   return grad;
 }
 
+// The grouped layout's backward kernels: float32, an AVX2 or AVX-512 CPU, a
+// batch of at least one vector (smaller ones share too little), groups of 2
+// or more. Everything else runs the row layout's (grouped.h).
+bool grouped_backward_runs(at::ScalarType dtype, int64_t batch, int64_t group_size, Isa isa) {
+  return dtype == at::kFloat && isa != Isa::Portable && batch >= k::kGradValuesBatchMultiple && group_size >= 2;
+}
+
+// t [..., features] as a zero-padded batch-contiguous float copy [features, padded].
+at::Tensor batch_contiguous(const at::Tensor& t, int64_t batch, int64_t features, int64_t padded) {
+  const at::Tensor t_t = at::zeros({features, padded}, t.options().dtype(at::kFloat));
+  t_t.narrow(1, 0, batch).copy_(t.reshape({batch, features}).t());
+  return t_t;
+}
+
+int64_t padded_batch(int64_t batch) {
+  return (batch + k::kGradValuesBatchMultiple - 1) / k::kGradValuesBatchMultiple * k::kGradValuesBatchMultiple;
+}
+
+// grad_x = grad_y @ W over the grouped layout: per group a [B, g] x [g, k]
+// product added into grad_x's k columns; threads own batch ranges.
+at::Tensor condensed_linear_grouped_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& values,
+                                                   const at::Tensor& idx, int64_t in_features) {
+  check_condensed_linear_grouped_grad_input_inputs(grad_y, values, idx, in_features);
+  const int64_t groups = values.size(0), group_size = values.size(1), fan_in = values.size(2);
+  const int64_t out_features = groups * group_size;
+  const int64_t batch = out_features > 0 ? grad_y.numel() / out_features : 0;
+  const Isa isa = active_isa();
+  if (!grouped_backward_runs(values.scalar_type(), batch, group_size, isa) || in_features == 0) {
+    return grouped_grad_input_by_rows(grad_y, values, idx, in_features);
+  }
+  const at::Tensor idx_k = prepare_indices(idx, in_features, WidthSource::Argument);
+  const int64_t padded = padded_batch(batch);
+  const at::Tensor grad_y_t = batch_contiguous(grad_y, batch, out_features, padded);
+  const at::Tensor grad_x_t = at::zeros({in_features, padded}, grad_y.options());
+  const at::Tensor values_c = values.contiguous();
+  note_kernel_run(isa, "grouped_grad_input");
+  bool inside = true;
+  with_index_type(idx_k, [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const k::GroupedGradInputProblem<index_t> p{grad_y_t.data_ptr<float>(), padded, values_c.data_ptr<float>(),
+                                                idx_k.data_ptr<index_t>(), in_features, groups, group_size, fan_in,
+                                                grad_x_t.data_ptr<float>()};
+    // Units of one batch vector (16 floats); each thread streams every weight once per 32 rows.
+    constexpr int64_t kUnit = k::kGradValuesBatchMultiple;
+    inside = parallel_all(0, padded / kUnit, /*grain=*/1, [&](int64_t begin, int64_t end) {
+#if defined(CONDENSED_OPS_WITH_AVX512)
+      if (isa == Isa::Avx512) return k::avx512::grouped_grad_input(p, begin * kUnit, end * kUnit);
+#endif
+#if defined(CONDENSED_OPS_WITH_AVX2)
+      if (isa == Isa::Avx2) return k::avx2::grouped_grad_input(p, begin * kUnit, end * kUnit);
+#endif
+      return false;
+    });
+  });
+  if (!inside) raise_index_error(idx, in_features, WidthSource::Argument);
+  at::Tensor grad_x = at::empty(grad_input_shape(grad_y, in_features), grad_y.options());
+  grad_x.view({batch, in_features}).copy_(grad_x_t.narrow(1, 0, batch).t());
+  return grad_x;
+}
+
+// grad_values over the grouped layout: per group a [g, B] x [B, k] product.
+at::Tensor condensed_linear_grouped_grad_values_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                    const at::Tensor& idx, int64_t group_size) {
+  check_condensed_linear_grouped_grad_values_inputs(grad_y, x, idx, group_size);
+  const int64_t in_features = x.size(-1);
+  const int64_t groups = idx.size(0), fan_in = idx.size(1), out_features = groups * group_size;
+  const int64_t batch = out_features > 0 ? grad_y.numel() / out_features : 0;
+  const Isa isa = active_isa();
+  if (!grouped_backward_runs(x.scalar_type(), batch, group_size, isa) || fan_in == 0 || groups == 0) {
+    return grouped_grad_values_by_rows(grad_y, x, idx, group_size);
+  }
+  const at::Tensor idx_k = prepare_indices(idx, in_features);
+  const int64_t padded = padded_batch(batch);
+  const at::Tensor x_t = batch_contiguous(x, batch, in_features, padded);
+  const at::Tensor grad_y_t = batch_contiguous(grad_y, batch, out_features, padded);
+  at::Tensor grad = at::empty({groups, group_size, fan_in}, x.options());
+  note_kernel_run(isa, "grouped_grad_values");
+  // Batch chunks of 256 keep a chunk of x_t (in_features KiB) in L2 across all groups.
+  constexpr int64_t kChunk = 256;
+  bool inside = true;
+  with_index_type(idx_k, [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    for (int64_t b0 = 0; b0 < padded && inside; b0 += kChunk) {
+      const k::GroupedGradValuesProblem<index_t> p{x_t.data_ptr<float>() + b0, grad_y_t.data_ptr<float>() + b0,
+                                                   padded, std::min(kChunk, padded - b0), idx_k.data_ptr<index_t>(),
+                                                   in_features, group_size, fan_in, grad.data_ptr<float>(),
+                                                   /*accumulate=*/b0 > 0};
+      inside = parallel_all(0, groups, grain_for(group_size * fan_in * p.length), [&](int64_t begin, int64_t end) {
+#if defined(CONDENSED_OPS_WITH_AVX512)
+        if (isa == Isa::Avx512) return k::avx512::grouped_grad_values(p, begin, end);
+#endif
+#if defined(CONDENSED_OPS_WITH_AVX2)
+        if (isa == Isa::Avx2) return k::avx2::grouped_grad_values(p, begin, end);
+#endif
+        return false;
+      });
+    }
+  });
+  if (!inside) raise_index_error(idx, in_features, WidthSource::OfX);
+  return grad;
+}
+
 // Output o's source row (-1: ablated), from active_rows (the output of each
 // row of values); empty when there is none.
 std::vector<int64_t> source_rows(const std::optional<at::Tensor>& active_rows, int64_t rows, int64_t out_features) {
@@ -609,6 +711,8 @@ TORCH_LIBRARY_IMPL(condensed_ops, CPU, m) {
   m.impl("condensed_linear_grouped", &condensed_linear_grouped_cpu);
   m.impl("condensed_linear_grad_input", &condensed_linear_grad_input_cpu);
   m.impl("condensed_linear_grad_values", &condensed_linear_grad_values_cpu);
+  m.impl("condensed_linear_grouped_grad_input", &condensed_linear_grouped_grad_input_cpu);
+  m.impl("condensed_linear_grouped_grad_values", &condensed_linear_grouped_grad_values_cpu);
   m.impl("pack_for_inference", &pack_for_inference_cpu);
   m.impl("condensed_linear_packed", &condensed_linear_packed_cpu);
   m.impl("condensed_linear_windowed", &condensed_linear_windowed_cpu);

@@ -325,6 +325,36 @@ def _check_pack_inputs(values: Tensor, idx: Tensor, active_rows: Optional[Tensor
         torch._check_value(outputs >= rows, lambda: f"{op}: out_features must be >= the rows of values ({rows}) with active_rows, got {outputs}")
 
 
+@torch.library.register_fake("condensed_ops::condensed_linear_grouped_grad_input")
+def _condensed_linear_grouped_grad_input_fake(grad_y: Tensor, values: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    op = "condensed_linear_grouped"
+    _check_grouped_layout(values, idx, op)
+    out_features = values.shape[0] * values.shape[1]
+    torch._check_value(grad_y.dim() >= 1 and grad_y.shape[-1] == out_features, lambda: f"{op}: grad_y must be [..., out_features] with out_features = groups * group_size = {out_features}, got shape {list(grad_y.shape)}")
+    torch._check_type(grad_y.dtype == values.dtype, lambda: f"{op}: grad_y must have values' dtype ({values.dtype}), got {grad_y.dtype}")
+    _check_same_device("values", values, grad_y, "grad_y", op)
+    _check_same_device("idx", idx, grad_y, "grad_y", op)
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+@torch.library.register_fake("condensed_ops::condensed_linear_grouped_grad_values")
+def _condensed_linear_grouped_grad_values_fake(grad_y: Tensor, x: Tensor, idx: Tensor, group_size: int) -> Tensor:
+    op = "condensed_linear_grouped"
+    torch._check_type(idx.dtype in _INDEX_DTYPES, lambda: f"{op}: idx must be int16, int32 or int64, got {idx.dtype}")
+    torch._check_value(idx.dim() == 2, lambda: f"{op}: idx must be 2-D [groups, fan_in], got shape {list(idx.shape)}")
+    torch._check_value(group_size >= 1, lambda: f"{op}: group_size must be >= 1, got {group_size}")
+    torch._check_type(x.dtype in _VALUE_DTYPES, lambda: f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    torch._check_type(grad_y.dtype == x.dtype, lambda: f"{op}: grad_y must have x's dtype ({x.dtype}), got {grad_y.dtype}")
+    out_features = idx.shape[0] * group_size
+    torch._check_value(
+        x.dim() >= 1 and grad_y.dim() == x.dim() and grad_y.shape[-1] == out_features and grad_y.shape[:-1] == x.shape[:-1],
+        lambda: f"{op}: grad_y must be x's leading dims + [out_features = groups * group_size = {out_features}], got grad_y {list(grad_y.shape)} and x {list(x.shape)}",
+    )
+    _check_same_device("grad_y", grad_y, x, "x", op)
+    _check_same_device("idx", idx, x, "x", op)
+    return x.new_empty((idx.shape[0], group_size, idx.shape[1]))
+
+
 @torch.library.register_fake("condensed_ops::pack_for_inference")
 def _pack_for_inference_fake(
     values: Tensor, idx: Tensor, in_features: int, active_rows: Optional[Tensor] = None, out_features: Optional[int] = None

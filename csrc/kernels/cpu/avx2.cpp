@@ -8,6 +8,7 @@
 
 #include "cpu_kernels.h"
 #include "grad_values_simd.h"
+#include "grouped_backward_simd.h"
 #include "scalar_kernel.h"
 #include "simd_common.h"
 #include "tiled_simd.h"
@@ -215,6 +216,19 @@ bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, 
 }
 template bool grad_values<int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
 template bool grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
+
+template <typename index_t>
+bool grouped_grad_values(const GroupedGradValuesProblem<index_t>& p, int64_t group_begin, int64_t group_end) {
+  return simd::grouped_grad_values<Avx2Vec>(p, group_begin, group_end);
+}
+template <typename index_t>
+bool grouped_grad_input(const GroupedGradInputProblem<index_t>& p, int64_t batch_begin, int64_t batch_end) {
+  return simd::grouped_grad_input<Avx2Vec>(p, batch_begin, batch_end);
+}
+template bool grouped_grad_values<int16_t>(const GroupedGradValuesProblem<int16_t>&, int64_t, int64_t);
+template bool grouped_grad_values<int32_t>(const GroupedGradValuesProblem<int32_t>&, int64_t, int64_t);
+template bool grouped_grad_input<int16_t>(const GroupedGradInputProblem<int16_t>&, int64_t, int64_t);
+template bool grouped_grad_input<int32_t>(const GroupedGradInputProblem<int32_t>&, int64_t, int64_t);
 
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {

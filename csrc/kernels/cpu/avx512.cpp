@@ -7,6 +7,7 @@
 
 #include "cpu_kernels.h"
 #include "grad_values_simd.h"
+#include "grouped_backward_simd.h"
 #include "simd_common.h"
 #include "tiled_simd.h"
 #include "type_pairs.h"
@@ -141,6 +142,19 @@ bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, 
 }
 template bool grad_values<int16_t>(const GradValuesProblem<float, int16_t>&, int64_t, int64_t);
 template bool grad_values<int32_t>(const GradValuesProblem<float, int32_t>&, int64_t, int64_t);
+
+template <typename index_t>
+bool grouped_grad_values(const GroupedGradValuesProblem<index_t>& p, int64_t group_begin, int64_t group_end) {
+  return simd::grouped_grad_values<Avx512Vec>(p, group_begin, group_end);
+}
+template <typename index_t>
+bool grouped_grad_input(const GroupedGradInputProblem<index_t>& p, int64_t batch_begin, int64_t batch_end) {
+  return simd::grouped_grad_input<Avx512Vec>(p, batch_begin, batch_end);
+}
+template bool grouped_grad_values<int16_t>(const GroupedGradValuesProblem<int16_t>&, int64_t, int64_t);
+template bool grouped_grad_values<int32_t>(const GroupedGradValuesProblem<int32_t>&, int64_t, int64_t);
+template bool grouped_grad_input<int16_t>(const GroupedGradInputProblem<int16_t>&, int64_t, int64_t);
+template bool grouped_grad_input<int32_t>(const GroupedGradInputProblem<int32_t>&, int64_t, int64_t);
 
 // Needs layout.window == kPermuteWindow (the glue sends other widths to avx2).
 template <typename scalar_t>

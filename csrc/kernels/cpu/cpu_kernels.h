@@ -184,6 +184,41 @@ inline bool for_blocks_and_row_groups(int64_t block_begin, int64_t block_end, in
 
 // ---- flavours ---------------------------------------------------------------------
 
+// ---- the grouped layout's backward (float32) ---------------------------------------
+//
+// From batch-contiguous copies, like grad_values: grad_y_t [groups * group_size,
+// stride], x_t and grad_x_t [in_features, stride]; length and the batch ranges
+// are multiples of kGradValuesBatchMultiple (zero padding).
+//   grad_values[G, r, j] = sum_b grad_y_t[G * group_size + r, b] * x_t[idx[G, j], b]
+//   grad_x_t[idx[G, j], b] += sum_r values[G, r, j] * grad_y_t[G * group_size + r, b]
+// A bad index stops either (false).
+template <typename index_t>
+struct GroupedGradValuesProblem {
+  const float* x_t;
+  const float* grad_y_t;
+  int64_t stride;
+  int64_t length;
+  const index_t* idx;  // [groups, fan_in]
+  int64_t in_features;
+  int64_t group_size;
+  int64_t fan_in;
+  float* grad;         // [groups, group_size, fan_in]
+  bool accumulate;
+};
+
+template <typename index_t>
+struct GroupedGradInputProblem {
+  const float* grad_y_t;
+  int64_t stride;
+  const float* values;  // [groups, group_size, fan_in]
+  const index_t* idx;   // [groups, fan_in]
+  int64_t in_features;
+  int64_t groups;
+  int64_t group_size;
+  int64_t fan_in;
+  float* grad_x_t;      // added to
+};
+
 namespace portable {
 template <typename scalar_t, typename index_t>
 bool scalar(const CondensedLinearProblem<scalar_t, index_t>& p, int64_t out_begin, int64_t out_end);
@@ -228,13 +263,18 @@ bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, 
 template <typename scalar_t, typename index_t>
 bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
                    int64_t out_end, float* scratch);
+template <typename index_t>
+bool grouped_grad_values(const GroupedGradValuesProblem<index_t>& p, int64_t group_begin, int64_t group_end);
+
+template <typename index_t>
+bool grouped_grad_input(const GroupedGradInputProblem<index_t>& p, int64_t batch_begin, int64_t batch_end);
 
 // Any window width, x by scalar loads.
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end);
 }  // namespace avx2
 
-// AVX-512F flavour of tiled, grouped_tiled, grad_values and window (permutes need a window of
+// AVX-512F flavour of tiled, grouped_tiled, grad_values, the grouped backward and window (permutes need a window of
 // kPermuteWindow columns). Built when CMake defines CONDENSED_OPS_WITH_AVX512.
 namespace avx512 {
 bool cpu_supports();
@@ -249,6 +289,12 @@ bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& 
 
 template <typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end);
+
+template <typename index_t>
+bool grouped_grad_values(const GroupedGradValuesProblem<index_t>& p, int64_t group_begin, int64_t group_end);
+
+template <typename index_t>
+bool grouped_grad_input(const GroupedGradInputProblem<index_t>& p, int64_t batch_begin, int64_t batch_end);
 
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end);
