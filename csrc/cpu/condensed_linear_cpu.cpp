@@ -394,6 +394,46 @@ at::Tensor condensed_linear_grad_input_cpu(const at::Tensor& grad_y, const at::T
   return grad_x;
 }
 
+int64_t padded_batch(int64_t batch) {
+  return (batch + k::kGradValuesBatchMultiple - 1) / k::kGradValuesBatchMultiple * k::kGradValuesBatchMultiple;
+}
+
+// dst [columns, ...] (row stride dst_stride) = src [rows, columns]ᵀ, float32:
+// the AVX2 blocked transpose where the CPU has it (torch's strided copy runs
+// at 4-8 GB/s on these shapes), torch's copy elsewhere.
+void transpose_into(const at::Tensor& src, const at::Tensor& dst) {
+  const int64_t rows = src.size(0), columns = src.size(1);
+#if defined(CONDENSED_OPS_WITH_AVX2)
+  if (src.scalar_type() == at::kFloat && dst.scalar_type() == at::kFloat && src.stride(1) == 1 &&
+      dst.stride(1) == 1 && active_isa() != Isa::Portable) {
+    const float* s = src.const_data_ptr<float>();
+    float* d = dst.data_ptr<float>();
+    at::parallel_for(0, (rows + 15) / 16, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, columns)),
+                     [&](int64_t begin, int64_t end) {
+                       k::avx2::transpose(s, src.stride(0), columns, begin * 16, std::min(rows, end * 16), d,
+                                          dst.stride(0));
+                     });
+    return;
+  }
+#endif
+  dst.copy_(src.t());
+}
+
+// t [..., features] as a batch-contiguous copy [features, padded] in the
+// accumulator type, zero past the batch. (Written once: zeroing it all first
+// costs as much again as the transpose.)
+at::Tensor batch_contiguous(const at::Tensor& t, int64_t batch, int64_t features, int64_t padded) {
+  const at::Tensor t_t = at::empty({features, padded}, t.options().dtype(acc_dtype(t.scalar_type())));
+  const at::Tensor rows = t.reshape({batch, features});
+  if (rows.scalar_type() == at::kFloat && rows.stride(1) == 1) {
+    transpose_into(rows, t_t.narrow(1, 0, batch));
+  } else {
+    t_t.narrow(1, 0, batch).copy_(rows.t());
+  }
+  if (padded > batch) t_t.narrow(1, batch, padded - batch).zero_();
+  return t_t;
+}
+
 // grad_values[o, j] = sum_b grad_y[b, o] * x[b, idx[o, j]]: one dot product per
 // weight over batch-contiguous (transposed) copies of x and grad_y.
 at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx) {
@@ -409,12 +449,9 @@ at::Tensor condensed_linear_grad_values_cpu(const at::Tensor& grad_y, const at::
 
   const auto acc = acc_dtype(x.scalar_type());
   // Zero-padded to whole vectors so the dot products need no tails.
-  const int64_t padded = (batch + k::kGradValuesBatchMultiple - 1) / k::kGradValuesBatchMultiple *
-                         k::kGradValuesBatchMultiple;
-  const at::Tensor x_t = at::zeros({in_features, padded}, x.options().dtype(acc));
-  x_t.narrow(1, 0, batch).copy_(x.reshape({batch, in_features}).t());
-  const at::Tensor grad_y_t = at::zeros({out_features, padded}, x.options().dtype(acc));
-  grad_y_t.narrow(1, 0, batch).copy_(grad_y.reshape({batch, out_features}).t());
+  const int64_t padded = padded_batch(batch);
+  const at::Tensor x_t = batch_contiguous(x, batch, in_features, padded);
+  const at::Tensor grad_y_t = batch_contiguous(grad_y, batch, out_features, padded);
   const at::Tensor grad_acc = grad.scalar_type() == acc ? grad : at::empty(idx.sizes(), x.options().dtype(acc));
 
   // Batch chunks of 256 keep a chunk of x_t (in_features KiB) in L2 across all outputs.
@@ -456,17 +493,6 @@ bool grouped_backward_runs(at::ScalarType dtype, int64_t batch, int64_t group_si
   return dtype == at::kFloat && isa != Isa::Portable && batch >= k::kGradValuesBatchMultiple && group_size >= 2;
 }
 
-// t [..., features] as a zero-padded batch-contiguous float copy [features, padded].
-at::Tensor batch_contiguous(const at::Tensor& t, int64_t batch, int64_t features, int64_t padded) {
-  const at::Tensor t_t = at::zeros({features, padded}, t.options().dtype(at::kFloat));
-  t_t.narrow(1, 0, batch).copy_(t.reshape({batch, features}).t());
-  return t_t;
-}
-
-int64_t padded_batch(int64_t batch) {
-  return (batch + k::kGradValuesBatchMultiple - 1) / k::kGradValuesBatchMultiple * k::kGradValuesBatchMultiple;
-}
-
 // grad_x = grad_y @ W over the grouped layout: per group a [B, g] x [g, k]
 // product added into grad_x's k columns; threads own batch ranges.
 at::Tensor condensed_linear_grouped_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& values,
@@ -505,7 +531,7 @@ at::Tensor condensed_linear_grouped_grad_input_cpu(const at::Tensor& grad_y, con
   });
   if (!inside) raise_index_error(idx, in_features, WidthSource::Argument);
   at::Tensor grad_x = at::empty(grad_input_shape(grad_y, in_features), grad_y.options());
-  grad_x.view({batch, in_features}).copy_(grad_x_t.narrow(1, 0, batch).t());
+  transpose_into(grad_x_t.narrow(1, 0, batch), grad_x.view({batch, in_features}));
   return grad_x;
 }
 

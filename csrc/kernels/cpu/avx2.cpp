@@ -210,6 +210,34 @@ bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& 
   }
 }
 
+using simd::transpose8x8;
+
+void transpose(const float* src, int64_t src_stride, int64_t columns, int64_t row_begin, int64_t row_end, float* dst,
+               int64_t dst_stride) {
+  const auto scalar = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0; c < c1; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+    }
+  };
+  const int64_t whole_columns = columns / 8 * 8;
+  int64_t r0 = row_begin;
+  for (; r0 + 8 <= row_end; r0 += 8) {
+    // Two 8-row strips per pass where there are: a destination row then gets 16 floats.
+    const int strips = r0 + 16 <= row_end ? 2 : 1;
+    for (int64_t c0 = 0; c0 < whole_columns; c0 += 8) {
+      for (int s = 0; s < strips; ++s) {
+        __m256 block[8];
+        for (int i = 0; i < 8; ++i) block[i] = _mm256_loadu_ps(src + (r0 + 8 * s + i) * src_stride + c0);
+        transpose8x8(block);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0 + 8 * s, block[i]);
+      }
+    }
+    scalar(r0, r0 + 8 * strips, whole_columns, columns);
+    r0 += 8 * (strips - 1);
+  }
+  scalar(r0, row_end, 0, columns);
+}
+
 template <typename index_t>
 bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, int64_t out_end) {
   return simd::grad_values<Avx2Vec>(p, out_begin, out_end);

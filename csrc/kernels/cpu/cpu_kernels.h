@@ -272,6 +272,13 @@ bool grouped_grad_input(const GroupedGradInputProblem<index_t>& p, int64_t batch
 // Any window width, x by scalar loads.
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end);
+
+// dst[c * dst_stride + r] = src[r * src_stride + c] for rows [row_begin,
+// row_end) of src and all `columns`: 8x8 register transposes, 16 source rows
+// at a time so each destination row gets whole 64-byte lines. Threads take
+// disjoint row ranges.
+void transpose(const float* src, int64_t src_stride, int64_t columns, int64_t row_begin, int64_t row_end, float* dst,
+               int64_t dst_stride);
 }  // namespace avx2
 
 // AVX-512F flavour of tiled, grouped_tiled, grad_values, the grouped backward and window (permutes need a window of

@@ -21,6 +21,7 @@ template <class Vec> constexpr int kValuesBlockRows = Vec::kLanes == 16 ? 4 : 2;
 constexpr int kValuesBlockColumns = 4;
 template <class Vec> constexpr int kInputBlockRows = Vec::kLanes == 16 ? 8 : 4;   // grad_y rows held in registers
 constexpr int kInputBlockVectors = 2;                                            // batch vectors per pass
+constexpr int64_t kInputBatchBlock = 64;                                         // batch positions per weight read
 
 // grad_values of rows [r0, r0 + R) x columns `columns` (C of them, the first
 // `columns_here` real) of group G: one dot product over the batch each.
@@ -111,32 +112,37 @@ bool input_block(const GroupedGradInputProblem<index_t>& p, int64_t G, int64_t r
   return true;
 }
 
-template <class Vec, int V, typename index_t>
-bool input_vectors(const GroupedGradInputProblem<index_t>& p, int64_t b0) {
-  constexpr int R = kInputBlockRows<Vec>;
-  for (int64_t G = 0; G < p.groups; ++G) {
-    int64_t r0 = 0;
-    for (; r0 + R <= p.group_size; r0 += R) {
-      if (!input_block<Vec, R, V>(p, G, r0, b0)) return false;
-    }
-    for (; r0 < p.group_size; ++r0) {
-      if (!input_block<Vec, 1, V>(p, G, r0, b0)) return false;
-    }
+template <class Vec, int R, typename index_t>
+bool input_rows(const GroupedGradInputProblem<index_t>& p, int64_t G, int64_t r0, int64_t b_begin, int64_t b_end) {
+  constexpr int64_t kPass = kInputBlockVectors * Vec::kLanes;
+  int64_t b0 = b_begin;
+  for (; b0 + kPass <= b_end; b0 += kPass) {
+    if (!input_block<Vec, R, kInputBlockVectors>(p, G, r0, b0)) return false;
+  }
+  for (; b0 < b_end; b0 += Vec::kLanes) {
+    if (!input_block<Vec, R, 1>(p, G, r0, b0)) return false;
   }
   return true;
 }
 
 // Batch positions [b_begin, b_end) of grad_x_t (multiples of the vector width),
 // every group: threads own disjoint batch ranges, so no two write one element.
+// Batch blocks of kInputBatchBlock: a group's weights are read from memory once
+// per block and from L1 for its passes; the block's slice of grad_x_t stays in L2.
 template <class Vec, typename index_t>
 bool grouped_grad_input(const GroupedGradInputProblem<index_t>& p, int64_t b_begin, int64_t b_end) {
-  constexpr int64_t kPass = kInputBlockVectors * Vec::kLanes;
-  int64_t b0 = b_begin;
-  for (; b0 + kPass <= b_end; b0 += kPass) {
-    if (!input_vectors<Vec, kInputBlockVectors>(p, b0)) return false;
-  }
-  for (; b0 < b_end; b0 += Vec::kLanes) {
-    if (!input_vectors<Vec, 1>(p, b0)) return false;
+  constexpr int R = kInputBlockRows<Vec>;
+  for (int64_t block = b_begin; block < b_end; block += kInputBatchBlock) {
+    const int64_t block_end = std::min(b_end, block + kInputBatchBlock);
+    for (int64_t G = 0; G < p.groups; ++G) {
+      int64_t r0 = 0;
+      for (; r0 + R <= p.group_size; r0 += R) {
+        if (!input_rows<Vec, R>(p, G, r0, block, block_end)) return false;
+      }
+      for (; r0 < p.group_size; ++r0) {
+        if (!input_rows<Vec, 1>(p, G, r0, block, block_end)) return false;
+      }
+    }
   }
   return true;
 }
