@@ -51,6 +51,8 @@ py::dict cpu_capabilities() {
   facts["small_batch_pin"] = "CONDENSED_OPS_CPU_SMALL_BATCH=" + cpu::strategy_name(small_batch.strategy);
   facts["window_width"] = cpu::window_width(isa);
   facts["window_max_batch"] = cpu::kWindowMaxBatch;
+  // The AVX2 window kernel's x loads: "" until the first window-layout call times them.
+  facts["window_x_loads"] = cpu::window_gathers_reason();
   py::dict options;
   for (const auto& [name, value] : condensed_ops::kernel_options()) options[py::str(name)] = value;
   facts["kernel_options"] = options;

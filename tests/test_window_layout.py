@@ -39,22 +39,28 @@ def run_packed(x, values, idx, bias):
     return y
 
 
-# (isa that packs, isa that runs): the layout's window width follows the
-# packing CPU flavour (64 with AVX-512, 256 otherwise); every flavour runs every width.
-ISA_PAIRS = [(packer, runner) for packer in SUPPORTED_ISAS for runner in SUPPORTED_ISAS]
+# (isa that packs, isa that runs, how the AVX2 kernel reads x): the layout's
+# window width follows the packing CPU flavour (64 with AVX-512, 256
+# otherwise); every flavour runs every width, the AVX2 one with x gathered and
+# loaded one by one (cpu_small_batch forces it; "auto" times the two once).
+ISA_PAIRS = [(packer, runner, loads) for packer in SUPPORTED_ISAS for runner in SUPPORTED_ISAS
+             for loads in (("gather", "scalar") if runner == "avx2" else ("auto",))]
 
 
-@pytest.fixture(params=ISA_PAIRS, ids=[f"pack_{p}-run_{r}" for p, r in ISA_PAIRS])
+@pytest.fixture(params=ISA_PAIRS, ids=[f"pack_{p}-run_{r}-x_{x}" for p, r, x in ISA_PAIRS])
 def isa_pair(request):
     return request.param
 
 
 def packed_under(isa_pair, x, values, idx, bias):
-    packer, runner = isa_pair
+    packer, runner, loads = isa_pair
     with cpu_kernel(packer):
         layout = pack(values, idx, x.shape[-1])
-    with cpu_kernel(runner):
-        return packed_linear(x, layout, values.shape[0], bias)
+    with condensed_ops.kernel_options(cpu_isa=runner, cpu_small_batch=loads):
+        y = packed_linear(x, layout, values.shape[0], bias)
+        if runner == "avx2" and values.dtype != torch.float64:
+            assert condensed_ops._C._last_cpu_kernel() == ("avx2 window_gather" if loads == "gather" else "avx2 window")
+        return y
 
 
 # ---- correctness ---------------------------------------------------------------------------
@@ -124,6 +130,26 @@ def test_integer_data_is_exact(isa_pair):
     assert torch.equal(packed_under(isa_pair, x, values, idx.to(torch.int16), None), exact)
 
 
+@pytest.mark.skipif("avx2" not in SUPPORTED_ISAS, reason="needs an AVX2 CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_avx2_gathers_and_scalar_loads_give_identical_bits(dtype):
+    """The two ways the AVX2 kernel reads x add the same products in the same
+    order, so the once-per-process timing that picks one cannot change results."""
+    _, x, values, idx, bias = make_sample(SampleSpec("bits", (3,), 700, 90, 61), dtype=dtype)
+    with cpu_kernel("avx2"):
+        layout = pack(values, idx, 700)
+    outputs = []
+    for loads in ("gather", "scalar"):
+        with condensed_ops.kernel_options(cpu_isa="avx2", cpu_small_batch=loads):
+            outputs.append(packed_linear(x, layout, 90, bias))
+            assert condensed_ops._C.cpu_capabilities()["window_x_loads"].startswith(
+                f"{'gathers' if loads == 'gather' else 'scalar loads'}, forced")
+    assert torch.equal(outputs[0], outputs[1])
+    with condensed_ops.kernel_options(cpu_isa="avx2"):
+        packed_linear(x, layout, 90, bias)  # auto: timed once per process, then fixed
+        assert condensed_ops._C.cpu_capabilities()["window_x_loads"].startswith(("gathers, timed", "scalar loads, timed"))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_give_identical_results(threads):
     sample = make_sample(SampleSpec("wide", (3,), 300, 1000, 30))
@@ -152,7 +178,7 @@ def test_active_rows_place_the_outputs_and_ablated_ones_give_their_bias(with_bia
     out_features = 40
     active_rows = torch.randperm(out_features, generator=torch.Generator().manual_seed(1))[:23]
     bias = torch.randn(out_features) if with_bias else None
-    packer, runner = isa_pair
+    packer, runner, _ = isa_pair
     with cpu_kernel(packer):
         layout = pack(sample.values, sample.idx, 70, active_rows, out_features)
     with cpu_kernel(runner):

@@ -641,26 +641,37 @@ at::ScalarType scalar_type_of(k::ValueType t) {
 }
 
 template <typename scalar_t>
-bool run_window(const k::WindowProblem<scalar_t>& p, Isa isa) {
+bool run_window(k::WindowProblem<scalar_t> p, Isa isa) {
   // AVX-512 reads 64-wide windows from registers; other windows take the AVX2
-  // kernel. One decision, both reported and run.
+  // kernel, with gathers of x where they timed faster here (window_gathers).
+  // One decision, both reported and run.
   const Isa flavour = std::is_same_v<scalar_t, double> || isa == Isa::Portable ? Isa::Portable
                       : isa == Isa::Avx512 && p.layout.window == k::kPermuteWindow ? Isa::Avx512
                                                                                     : Isa::Avx2;
-  note_kernel_run(flavour, "window");
   const int64_t mean_block_steps = p.layout.total_steps / std::max<int64_t>(1, p.layout.blocks);
   const int64_t grain = grain_for(mean_block_steps * k::kWindowLanes * p.batch);
-  return parallel_all(0, p.layout.blocks, grain, [&](int64_t begin, int64_t end) {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
+  const auto run = [&](const k::WindowProblem<scalar_t>& problem) {
+    return parallel_all(0, problem.layout.blocks, grain, [&](int64_t begin, int64_t end) {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
 #if defined(CONDENSED_OPS_WITH_AVX2)
 #if defined(CONDENSED_OPS_WITH_AVX512)
-      if (flavour == Isa::Avx512) return k::avx512::window(p, begin, end);
+        if (flavour == Isa::Avx512) return k::avx512::window(problem, begin, end);
 #endif
-      if (flavour == Isa::Avx2) return k::avx2::window(p, begin, end);
+        if (flavour == Isa::Avx2) return k::avx2::window(problem, begin, end);
 #endif
-    }
-    return k::portable::window(p, begin, end);
-  });
+      }
+      return k::portable::window(problem, begin, end);
+    });
+  };
+  if (flavour == Isa::Avx2) {
+    p.gather_x = window_gathers([&](bool gather) {
+      k::WindowProblem<scalar_t> timed = p;
+      timed.gather_x = gather;
+      run(timed);
+    });
+  }
+  note_kernel_run(flavour, p.gather_x ? "window_gather" : "window");
+  return run(p);
 }
 
 at::Tensor condensed_linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,

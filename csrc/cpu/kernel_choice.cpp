@@ -114,6 +114,47 @@ Strategy row_strategy(int64_t batch, Isa isa) {
 int64_t window_width(Isa isa) { return isa == Isa::Avx512 ? k::kPermuteWindow : k::kScalarWindow; }
 
 namespace {
+std::mutex window_mutex;
+int window_decision = -1;  // -1 undecided, 0 scalar loads, 1 gathers
+std::string window_reason;
+}  // namespace
+
+bool window_gathers(const std::function<void(bool)>& time_run) {
+  switch (kernel_option<KernelOption::CpuSmallBatch>()) {
+    case CpuSmallBatchChoice::Gather: return true;
+    case CpuSmallBatchChoice::Scalar: return false;
+    case CpuSmallBatchChoice::Auto: break;
+  }
+  const std::lock_guard<std::mutex> lock(window_mutex);
+  if (window_decision >= 0) return window_decision == 1;
+  double best[2] = {1e30, 1e30};  // [scalar, gather], the fastest of three runs each, alternated
+  for (int round = 0; round < 3; ++round) {
+    for (int gather = 0; gather < 2; ++gather) {
+      const auto start = std::chrono::steady_clock::now();
+      time_run(gather == 1);
+      best[gather] = std::min(best[gather], std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  window_decision = best[1] < best[0] ? 1 : 0;
+  char reason[128];
+  std::snprintf(reason, sizeof reason, "timed on the first layer: gathers %.1f us, scalar loads %.1f us",
+                best[1] * 1e6, best[0] * 1e6);
+  window_reason = reason;
+  return window_decision == 1;
+}
+
+std::string window_gathers_reason() {
+  switch (kernel_option<KernelOption::CpuSmallBatch>()) {
+    case CpuSmallBatchChoice::Gather: return "gathers, forced by kernel option cpu_small_batch";
+    case CpuSmallBatchChoice::Scalar: return "scalar loads, forced by kernel option cpu_small_batch";
+    case CpuSmallBatchChoice::Auto: break;
+  }
+  const std::lock_guard<std::mutex> lock(window_mutex);
+  if (window_decision < 0) return "";
+  return std::string(window_decision == 1 ? "gathers" : "scalar loads") + ", " + window_reason;
+}
+
+namespace {
 thread_local Isa last_isa = Isa::Portable;
 thread_local const char* last_kernel = "none";
 std::array<std::atomic<int64_t>, 3> runs_per_isa{};

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace condensed_ops::cpu {
@@ -37,6 +38,14 @@ SmallBatchChoice small_batch_choice(Isa isa);
 // The window layout's width for this CPU: 64 slots where AVX-512 permutes read
 // it from registers, 256 where scalar loads do.
 int64_t window_width(Isa isa);
+
+// Whether the AVX2 window kernel reads x by hardware gathers: forced with
+// cpu_small_batch, else timed once per process on the first layer that runs
+// it (time_run(gather) runs that layer once; gathers and scalar loads add
+// the same products in the same order, so the outputs are bitwise equal
+// either way). reason: what was decided and why, "" before the first run.
+bool window_gathers(const std::function<void(bool)>& time_run);
+std::string window_gathers_reason();
 
 // Batches up to this run faster through the window layout than through the
 // row layout's tiled kernel (measured; modules switch layouts there).

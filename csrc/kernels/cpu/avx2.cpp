@@ -119,8 +119,10 @@ inline bool gather_output(const Problem<scalar_t, index_t>& p, int64_t o, int64_
 // ---- window: rows in lanes, x by scalar loads --------------------------------
 
 // kRows batch rows against block b; the 16 lanes are two ymm halves. Every
-// step builds its x vectors from 16 scalar loads out of the window (no gathers).
-template <int kRows, typename scalar_t>
+// step builds its x vectors out of the window with two 8-lane gathers
+// (kGather), or from 16 scalar loads where gathers are slow (Intel with the
+// Downfall mitigation): those cost about three times the instructions.
+template <int kRows, bool kGather, typename scalar_t>
 bool window_rows(const WindowProblem<scalar_t>& p, int64_t b, int64_t row0) {
   const auto& layout = p.layout;
   const int64_t first = layout.block_steps[b];
@@ -139,6 +141,17 @@ bool window_rows(const WindowProblem<scalar_t>& p, int64_t b, int64_t row0) {
     for (int r = 0; r < kRows; ++r) x[r] = p.x + (row0 + r) * p.x_row_stride + w * layout.window;
     for (int64_t s = 0; s < steps; ++s, values += kWindowLanes, slots += kWindowLanes) {
       const __m256 low = load8(values), high = load8(values + 8);
+      if constexpr (kGather) {
+        const __m128i slot_bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(slots));
+        const __m256i slot_mask = _mm256_set1_epi32(int(mask));
+        const __m256i slot_low = _mm256_and_si256(_mm256_cvtepu8_epi32(slot_bytes), slot_mask);
+        const __m256i slot_high = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_srli_si128(slot_bytes, 8)), slot_mask);
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][0] = _mm256_fmadd_ps(low, _mm256_i32gather_ps(x[r], slot_low, 4), acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(high, _mm256_i32gather_ps(x[r], slot_high, 4), acc[r][1]);
+        }
+        continue;
+      }
       unsigned c[kWindowLanes];
       for (int l = 0; l < kWindowLanes; ++l) c[l] = slots[l] & mask;
       for (int r = 0; r < kRows; ++r) {
@@ -261,7 +274,8 @@ template bool grouped_grad_input<int32_t>(const GroupedGradInputProblem<int32_t>
 template <typename scalar_t>
 bool window(const WindowProblem<scalar_t>& p, int64_t block_begin, int64_t block_end) {
   return for_blocks_and_row_groups(block_begin, block_end, p.batch, [&](auto rows, int64_t b, int64_t row0) {
-    return window_rows<decltype(rows)::value>(p, b, row0);
+    return p.gather_x ? window_rows<decltype(rows)::value, true>(p, b, row0)
+                      : window_rows<decltype(rows)::value, false>(p, b, row0);
   });
 }
 

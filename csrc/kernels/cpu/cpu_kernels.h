@@ -151,6 +151,9 @@ struct WindowProblem {
   const scalar_t* bias;      // [out_features], or nullptr
   scalar_t* y;               // [batch, out_features], contiguous
   int64_t batch;
+  // AVX2 flavour: x's window values by hardware gathers (where this CPU's
+  // calibration found gathers faster than scalar loads), else 16 scalar loads.
+  bool gather_x = false;
 };
 
 // ---- batch rows in groups ------------------------------------------------------------
@@ -181,8 +184,6 @@ inline bool for_blocks_and_row_groups(int64_t block_begin, int64_t block_end, in
   }
   return true;
 }
-
-// ---- flavours ---------------------------------------------------------------------
 
 // ---- the grouped layout's backward (float32) ---------------------------------------
 //
@@ -218,6 +219,8 @@ struct GroupedGradInputProblem {
   int64_t fan_in;
   float* grad_x_t;      // added to
 };
+
+// ---- flavours ---------------------------------------------------------------------
 
 namespace portable {
 template <typename scalar_t, typename index_t>
