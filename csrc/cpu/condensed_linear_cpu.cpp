@@ -144,6 +144,16 @@ bool run_tile(const k::GroupedProblem<scalar_t, index_t>& p, const k::BatchTile&
   return k::portable::grouped_tiled(p, tile, out_begin, out_end, scratch);
 }
 
+// The bytes of a problem's weights (values and indices).
+template <typename scalar_t, typename index_t>
+int64_t weight_bytes(const k::CondensedLinearProblem<scalar_t, index_t>& p) {
+  return p.entries() * int64_t(sizeof(scalar_t) + sizeof(index_t));
+}
+template <typename scalar_t, typename index_t>
+int64_t weight_bytes(const k::GroupedProblem<scalar_t, index_t>& p) {
+  return p.groups * p.fan_in * (p.group_size * int64_t(sizeof(scalar_t)) + int64_t(sizeof(index_t)));
+}
+
 // Either layout's problem (its batch, in_features and out_features), tiled.
 template <class Problem>
 bool run_tiled(const Problem& p, int64_t out_features, Isa isa, const char* kernel) {
@@ -152,12 +162,19 @@ bool run_tiled(const Problem& p, int64_t out_features, Isa isa, const char* kern
   constexpr int64_t kBlock = 8;  // keep chunk edges on the kernels' output groups
   const std::vector<k::BatchTile> tiles = batch_tiles(p.batch);
   const int64_t n_tiles = int64_t(tiles.size());
-  // Threads split the outputs, each walking all tiles over its own slice of
-  // the weights: a slice stays in that core's L2 across tiles, where splitting
-  // by tiles would make every core stream all weights once per tile. Each
-  // task re-transposes its tile, which costs in_features * tile rows, not out * fan_in.
-  const int64_t out_chunks =
-      std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, out_features / 64));
+  // The outputs are cut into slices of about kChunkBytes of weights (at least
+  // one per thread), and a thread walks all tiles over one slice before the
+  // next: the slice stays in its core's L2 across tiles, where one slice per
+  // thread made large layers stream all their weights from memory once per
+  // tile (4096 -> 14336 at batch 256, 1 thread, Zen 4: the row layout 1.1-1.2x
+  // faster, grouped g = 8 1.4x under AVX2). Each task re-transposes its tile,
+  // which costs in_features * tile rows, not out * fan_in.
+  constexpr int64_t kChunkBytes = int64_t(2) << 20;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t weights = weight_bytes(p);
+  const int64_t slices = std::max<int64_t>(1, (weights + kChunkBytes - 1) / kChunkBytes);
+  const int64_t out_chunks = std::clamp<int64_t>((slices + threads - 1) / threads * threads, 1,
+                                                 std::max<int64_t>(1, out_features / 64));
   const int64_t chunk_outputs = ((out_features + out_chunks - 1) / out_chunks + kBlock - 1) / kBlock * kBlock;
   return parallel_all(0, n_tiles * out_chunks, 1, [&](int64_t begin, int64_t end) {
     // 64-byte aligned (torch's CPU allocator): a tile column is one cache
