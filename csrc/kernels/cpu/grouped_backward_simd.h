@@ -19,9 +19,11 @@ namespace condensed_ops::kernels::simd {
 // Block shapes: AVX-512 has 32 vector registers, AVX2 16.
 template <class Vec> constexpr int kValuesBlockRows = Vec::kLanes == 16 ? 4 : 2;  // x C = 4 accumulators each
 constexpr int kValuesBlockColumns = 4;
-template <class Vec> constexpr int kInputBlockRows = Vec::kLanes == 16 ? 8 : 4;   // grad_y rows held in registers
-constexpr int kInputBlockVectors = 2;                                            // batch vectors per pass
-constexpr int64_t kInputBatchBlock = 64;                                         // batch positions per weight read
+// grad_y rows held in registers x batch vectors per pass (AVX2: 8 x 1, 6 x 2
+// and 4 x 3 were no faster than 4 x 2 on Zen 4).
+template <class Vec> constexpr int kInputBlockRows = Vec::kLanes == 16 ? 8 : 4;
+constexpr int kInputBlockVectors = 2;
+constexpr int64_t kInputBatchBlock = 64;  // batch positions per read of a group's weights
 
 // grad_values of rows [r0, r0 + R) x columns `columns` (C of them, the first
 // `columns_here` real) of group G: one dot product over the batch each.
@@ -54,31 +56,30 @@ void values_block(const GroupedGradValuesProblem<index_t>& p, int64_t G, int64_t
   }
 }
 
-template <class Vec, int R, typename index_t>
-void values_rows(const GroupedGradValuesProblem<index_t>& p, int64_t G, int64_t r0, const index_t* group_idx) {
-  constexpr int C = kValuesBlockColumns;
-  for (int64_t j0 = 0; j0 < p.fan_in; j0 += C) {
-    const int here = int(std::min<int64_t>(C, p.fan_in - j0));
-    int64_t columns[C];
-    // A short last block repeats its last column: computed, never stored.
-    for (int c = 0; c < C; ++c) columns[c] = group_idx[j0 + std::min(c, here - 1)];
-    values_block<Vec, R, C>(p, G, r0, j0, columns, here);
-  }
+// All rows of group G against columns [j0, j0 + C): the C columns' batch
+// vectors are read from L2 once and from L1 for every further row block.
+template <class Vec, typename index_t>
+void values_columns(const GroupedGradValuesProblem<index_t>& p, int64_t G, int64_t j0, const index_t* group_idx) {
+  constexpr int R = kValuesBlockRows<Vec>, C = kValuesBlockColumns;
+  const int here = int(std::min<int64_t>(C, p.fan_in - j0));
+  int64_t columns[C];
+  // A short last block repeats its last column: computed, never stored.
+  for (int c = 0; c < C; ++c) columns[c] = group_idx[j0 + std::min(c, here - 1)];
+  int64_t r0 = 0;
+  for (; r0 + R <= p.group_size; r0 += R) values_block<Vec, R, C>(p, G, r0, j0, columns, here);
+  for (; r0 < p.group_size; ++r0) values_block<Vec, 1, C>(p, G, r0, j0, columns, here);
 }
 
 // Groups [group_begin, group_end); false at the first index outside [0, in_features).
 template <class Vec, typename index_t>
 bool grouped_grad_values(const GroupedGradValuesProblem<index_t>& p, int64_t group_begin, int64_t group_end) {
-  constexpr int R = kValuesBlockRows<Vec>;
   const uint64_t limit = uint64_t(p.in_features);
   for (int64_t G = group_begin; G < group_end; ++G) {
     const index_t* group_idx = p.idx + G * p.fan_in;
     for (int64_t j = 0; j < p.fan_in; ++j) {
       if (uint64_t(int64_t(group_idx[j])) >= limit) return false;
     }
-    int64_t r0 = 0;
-    for (; r0 + R <= p.group_size; r0 += R) values_rows<Vec, R>(p, G, r0, group_idx);
-    for (; r0 < p.group_size; ++r0) values_rows<Vec, 1>(p, G, r0, group_idx);
+    for (int64_t j0 = 0; j0 < p.fan_in; j0 += kValuesBlockColumns) values_columns<Vec>(p, G, j0, group_idx);
   }
   return true;
 }
