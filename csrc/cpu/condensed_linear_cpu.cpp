@@ -575,10 +575,10 @@ at::Tensor condensed_linear_grouped_grad_values_cpu(const at::Tensor& grad_y, co
   with_index_type(idx_k, [&](auto index_tag) {
     using index_t = decltype(index_tag);
     for (int64_t b0 = 0; b0 < padded && inside; b0 += kChunk) {
-      const k::GroupedGradValuesProblem<index_t> p{x_t.data_ptr<float>() + b0, grad_y_t.data_ptr<float>() + b0,
-                                                   padded, std::min(kChunk, padded - b0), idx_k.data_ptr<index_t>(),
-                                                   in_features, group_size, fan_in, grad.data_ptr<float>(),
-                                                   /*accumulate=*/b0 > 0};
+      const k::GroupedGradValuesProblem<index_t> p{
+          {x_t.data_ptr<float>() + b0, grad_y_t.data_ptr<float>() + b0, padded, std::min(kChunk, padded - b0),
+           idx_k.data_ptr<index_t>(), in_features, fan_in, grad.data_ptr<float>(), /*accumulate=*/b0 > 0},
+          group_size};
       inside = parallel_all(0, groups, grain_for(group_size * fan_in * p.length), [&](int64_t begin, int64_t end) {
 #if defined(CONDENSED_OPS_WITH_AVX512)
         if (isa == Isa::Avx512) return k::avx512::grouped_grad_values(p, begin, end);

@@ -192,19 +192,11 @@ inline bool for_blocks_and_row_groups(int64_t block_begin, int64_t block_end, in
 // are multiples of kGradValuesBatchMultiple (zero padding).
 //   grad_values[G, r, j] = sum_b grad_y_t[G * group_size + r, b] * x_t[idx[G, j], b]
 //   grad_x_t[idx[G, j], b] += sum_r values[G, r, j] * grad_y_t[G * group_size + r, b]
-// A bad index stops either (false).
+// A bad index stops either (false). grad_values' problem, with idx [groups,
+// fan_in] and grad [groups, group_size, fan_in]:
 template <typename index_t>
-struct GroupedGradValuesProblem {
-  const float* x_t;
-  const float* grad_y_t;
-  int64_t stride;
-  int64_t length;
-  const index_t* idx;  // [groups, fan_in]
-  int64_t in_features;
+struct GroupedGradValuesProblem : GradValuesProblem<float, index_t> {
   int64_t group_size;
-  int64_t fan_in;
-  float* grad;         // [groups, group_size, fan_in]
-  bool accumulate;
 };
 
 template <typename index_t>
@@ -266,6 +258,7 @@ bool grad_values(const GradValuesProblem<float, index_t>& p, int64_t out_begin, 
 template <typename scalar_t, typename index_t>
 bool grouped_tiled(const GroupedProblem<scalar_t, index_t>& p, const BatchTile& tile, int64_t out_begin,
                    int64_t out_end, float* scratch);
+
 template <typename index_t>
 bool grouped_grad_values(const GroupedGradValuesProblem<index_t>& p, int64_t group_begin, int64_t group_end);
 
