@@ -116,7 +116,6 @@ def sweep_case(device: torch.device, dtype: torch.dtype, in_features: int, out_f
     layers = [random_layer(in_features, out_features, sparsity, dtype, device, seed=s) for s in range(n_sets)]
     x = torch.randn(batch, in_features, device=device, dtype=dtype)
     dense_sets = [(to_dense(layer.values, layer.idx, in_features),) for layer in layers[: max(2, math.ceil(L2_MULTIPLE * l2 / (out_features * in_features * element)))]]
-    csr = dense_sets[0][0].to_sparse_csr()
 
     # Every variant against float64 first: a fast wrong variant is no variant.
     reference = x.double() @ to_dense(layers[0].values.double(), layers[0].idx, in_features).t()
@@ -132,7 +131,8 @@ def sweep_case(device: torch.device, dtype: torch.dtype, in_features: int, out_f
     calls["dense"] = with_tf32(dense, False)
     if dtype == torch.float32:
         calls["dense_tf32"] = with_tf32(dense, True)
-    try:  # (torch.sparse has no CSR matmul for some dtypes on some devices)
+    try:  # (torch.sparse has no CSR conversion or matmul for some dtypes on some devices)
+        csr = dense_sets[0][0].to_sparse_csr()
         torch.sparse.mm(csr, x.t())
         calls["csr"] = lambda: torch.sparse.mm(csr, x.t())
     except RuntimeError:
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     path = args.json or (os.path.join(os.environ["OUT"], "cuda_sweep.json") if os.environ.get("OUT") else None)
-    rows = []
+    rows, failed = [], 0
     for dtype_name, shape, sparsity, batch in itertools.product(args.dtype, args.shapes, args.sparsity, args.batch):
         in_features, out_features = map(int, shape.split("x"))
         try:
@@ -202,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.rounds, args.max_seconds, bandwidth))
         except Exception as error:  # noqa: BLE001 -- keep sweeping; the row says why
             print(f"{dtype_name} {shape} {sparsity} batch {batch}: {type(error).__name__}: {error}", file=sys.stderr)
+            failed += 1
             continue
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         if path:  # after every case: a sweep cut short keeps what it measured
@@ -220,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(f"// {name}, torch {torch.__version__}: benchmarks/cuda_sweep.py\n" + "".join(l + "\n" for l in lines))
         print(f"{len(lines)} table lines appended to {args.emit_table}")
     wrong = [r for r in rows if max(r["rel_err"].values()) > 2e-2]
-    return 1 if wrong else 0
+    if failed or not rows:
+        print(f"{failed} cases failed, {len(rows)} measured", file=sys.stderr)
+    return 1 if wrong or failed or not rows else 0
 
 
 if __name__ == "__main__":

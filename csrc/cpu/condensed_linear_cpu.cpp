@@ -519,7 +519,10 @@ at::Tensor condensed_linear_grouped_grad_input_cpu(const at::Tensor& grad_y, con
   const int64_t out_features = groups * group_size;
   const int64_t batch = out_features > 0 ? grad_y.numel() / out_features : 0;
   const Isa isa = active_isa();
-  if (!grouped_backward_runs(values.scalar_type(), batch, group_size, isa) || in_features == 0) {
+  // Threads split the batch in 16-row units here: with fewer units than
+  // threads the row layout's kernels (split over columns) keep all busy.
+  const bool every_thread_busy = padded_batch(batch) / k::kGradValuesBatchMultiple >= at::get_num_threads();
+  if (!grouped_backward_runs(values.scalar_type(), batch, group_size, isa) || !every_thread_busy || in_features == 0) {
     return grouped_grad_input_by_rows(grad_y, values, idx, in_features);
   }
   const at::Tensor idx_k = prepare_indices(idx, in_features, WidthSource::Argument);

@@ -81,11 +81,10 @@ k::ForwardTuning forward_tuning() {
 // queued after this on the same stream).
 template <typename scalar_t, typename index_t>
 void run_forward(k::ForwardProblem<scalar_t, index_t> p, double mean_row_length, const k::ForwardTuning& tuning,
-                 const at::Tensor& like, const CallContext& call) {
+                 bool use_table, const at::Tensor& like, const CallContext& call) {
   using acc = k::acc_t<scalar_t>;
-  const k::LaunchPlan plan =
-      k::plan_forward<scalar_t>(p.batch, p.in_features, p.out_features, mean_row_length, device_limits(call.device),
-                                tuning, kernel_option<KernelOption::CudaTuned>() == CudaTunedChoice::Auto);
+  const k::LaunchPlan plan = k::plan_forward<scalar_t>(p.batch, p.in_features, p.out_features, mean_row_length,
+                                                       device_limits(call.device), tuning, use_table);
   const int64_t partial_elements = k::forward_partial_elements(plan, p.batch, p.out_features);
   const at::Tensor partial = partial_elements > 0
                                  ? at::empty({partial_elements}, like.options().dtype(c10::CppTypeToScalarType<acc>::value))
@@ -144,7 +143,8 @@ at::Tensor row_layout_forward(const at::Tensor& x, const at::Tensor& values, con
           Kernel::ptr<scalar_t>(y), out_features,
           batch, in_features, out_features, fan_in,
           /*row_offsets=*/nullptr, call.flag};
-      run_forward(p, double(fan_in), tuning, y, call);
+      run_forward(p, double(fan_in), tuning, kernel_option<KernelOption::CudaTuned>() == CudaTunedChoice::Auto, y,
+                  call);
     });
   });
   return y;
@@ -247,10 +247,11 @@ void grad_input_by_columns(const at::Tensor& grad_y_2d, const at::Tensor& values
       Kernel::ptr<scalar_t>(grad_x), in_features,
       batch, out_features, in_features, /*fan_in=*/0,
       layout.offsets.data_ptr<int64_t>(), call.flag};
-  // The forward variants' options time the forward op alone: grad_x keeps the rule's plan.
+  // The forward variants' options and the measured table are the forward op's
+  // (its rows have constant length; these are W's columns): grad_x keeps the rule's plan.
   k::ForwardTuning tuning;
   tuning.access = x_access();
-  run_forward(p, double(values_c.numel()) / double(in_features), tuning, grad_x, call);
+  run_forward(p, double(values_c.numel()) / double(in_features), tuning, /*use_table=*/false, grad_x, call);
 }
 
 // grad_x = grad_y @ W.
