@@ -37,8 +37,10 @@ def compiled_with_cxx11_abi():
 EOF
 
 echo "building the CUDA extension against torch $version+cu${cuda/./} (not installed)"
+# -Werror all-warnings: this build is also the kernels' compile check (sm_80 and sm_90).
 PYTHONPATH="$work/site" cmake -S . -B "$work/build" -G Ninja -DPython_EXECUTABLE="$(command -v python)" \
-  -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" -DSKBUILD_PROJECT_VERSION=0.0.0 >"$work/configure.log" ||
+  -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" -DSKBUILD_PROJECT_VERSION=0.0.0 \
+  -DCMAKE_CUDA_FLAGS="-Werror all-warnings" >"$work/configure.log" ||
   { cat "$work/configure.log"; exit 1; }
 grep -q "CUDA kernels: nvcc" "$work/configure.log" || { cat "$work/configure.log"; echo "CMake left CUDA out"; exit 1; }
 cmake --build "$work/build" -- -j 2 >"$work/build.log" 2>&1 || { tail -n 60 "$work/build.log"; exit 1; }

@@ -573,6 +573,32 @@ void check_plans() {
   }
 }
 
+// The forward's forced variants (what benchmarks/cuda_sweep.py times):
+// lanes per row, four packs in flight, fan-in splits, including splits
+// left with no entries and splits over rows with unaligned heads, and forced
+// batch tiles larger than the planner's budget allows, or than x fits at all
+// (then x goes through L1). Checked for two value/index type pairs: the
+// variants change the work split, not the arithmetic per type.
+std::vector<Case> make_variant_cases() {
+  const k::ForwardTuning variants[] = {{k::XAccess::Auto, 1, 4, 8, 0}, {k::XAccess::Auto, 2, 4, 4, 2},
+                                       {k::XAccess::Auto, 32, 2, 2, 0}, {k::XAccess::Auto, 4, 4, 1, 16},
+                                       {k::XAccess::Auto, 8, 2, 8, 8}};
+  const Case bases[] = {{1, 37, 29, 11}, {2, 200, 3, 150}, {5, 100, 40, 19, 0, 3}, {3, 50, 21, 7, 5, 3},
+                        {4, 33, 9, 5, 0, 0, true}, {1, 3000, 6, 1200, 0, 0, false, true, 3},
+                        {40, 70, 10, 24}, {21, 13000, 3, 20}};
+  std::vector<Case> cases;
+  for (size_t i = 0; i < std::size(bases); ++i) {
+    for (size_t v = 0; v < std::size(variants); ++v) {
+      if ((i + v) % 2 != 0) continue;  // half of the pairs: enough to reach every path, half the time
+      Case c = bases[i];
+      c.forced = variants[v];
+      c.access = (i + v) % 4 == 0 ? k::XAccess::Auto : k::XAccess::Global;
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
 // Shapes chosen to reach every plan: batch tiles 1..16 with partial last
 // slabs, many slabs (grid_y > 1, grad_values partial sums), row lengths that
 // are not multiples of a 16-byte pack (head/tail paths), one-entry rows, rows
@@ -616,25 +642,6 @@ std::vector<Case> make_cases(bool full) {
     strided.access = access;
     strided.limits = small_device;
     cases.push_back(strided);
-  }
-  // The forward's forced variants (what benchmarks/cuda_sweep.py times):
-  // lanes per row, four packs in flight, fan-in splits, including splits
-  // left with no entries and splits over rows with unaligned heads.
-  // Forced batch tiles: larger than the planner's budget allows, or than x fits at all (then x goes through L1).
-  const k::ForwardTuning variants[] = {{k::XAccess::Auto, 1, 4, 8, 0}, {k::XAccess::Auto, 2, 4, 4, 2},
-                                       {k::XAccess::Auto, 32, 2, 2, 0}, {k::XAccess::Auto, 4, 4, 1, 16},
-                                       {k::XAccess::Auto, 8, 2, 8, 8}};
-  const Case variant_bases[] = {{1, 37, 29, 11}, {2, 200, 3, 150}, {5, 100, 40, 19, 0, 3}, {3, 50, 21, 7, 5, 3},
-                                {4, 33, 9, 5, 0, 0, true}, {1, 3000, 6, 1200, 0, 0, false, true, 3},
-                                {40, 70, 10, 24}, {21, 13000, 3, 20}};
-  for (size_t i = 0; i < std::size(variant_bases); ++i) {
-    for (size_t v = 0; v < std::size(variants); ++v) {
-      if ((i + v) % 2 != 0) continue;  // half of the pairs: enough to reach every path, half the time
-      Case c = variant_bases[i];
-      c.forced = variants[v];
-      c.access = (i + v) % 4 == 0 ? k::XAccess::Auto : k::XAccess::Global;
-      cases.push_back(c);
-    }
   }
   if (full) {
     cases.push_back({300, 64, 40, 24});
@@ -727,7 +734,9 @@ int main(int argc, char** argv) {
   }
   if (mode == "rows") {  // the row-layout kernels, one value/index type (mutant checks)
     std::mt19937_64 rng(argc > 2 ? std::stoull(argv[2]) : 0);
-    const std::vector<Case> cases = make_cases(false);
+    std::vector<Case> cases = make_cases(false);
+    const std::vector<Case> variants = make_variant_cases();
+    cases.insert(cases.end(), variants.begin(), variants.end());
     check_all<float, int32_t>(cases, rng);
     std::printf("%d checks over %zu cases, %d failures\n", checks, cases.size(), failures);
     return failures == 0 ? 0 : 1;
@@ -763,6 +772,9 @@ int main(int argc, char** argv) {
     check_all<__half, int32_t>(cases, rng);
     check_all<__nv_bfloat16, int16_t>(cases, rng);
     check_all<__nv_bfloat16, int32_t>(cases, rng);
+    const std::vector<Case> variants = make_variant_cases();
+    check_all<float, int32_t>(variants, rng);
+    check_all<__nv_bfloat16, int16_t>(variants, rng);
   }
   if (mode != "races") {
     check_grouped_refusals();
