@@ -441,12 +441,7 @@ void transpose_into(const at::Tensor& src, const at::Tensor& dst) {
 // costs as much again as the transpose.)
 at::Tensor batch_contiguous(const at::Tensor& t, int64_t batch, int64_t features, int64_t padded) {
   const at::Tensor t_t = at::empty({features, padded}, t.options().dtype(acc_dtype(t.scalar_type())));
-  const at::Tensor rows = t.reshape({batch, features});
-  if (rows.scalar_type() == at::kFloat && rows.stride(1) == 1) {
-    transpose_into(rows, t_t.narrow(1, 0, batch));
-  } else {
-    t_t.narrow(1, 0, batch).copy_(rows.t());
-  }
+  transpose_into(t.reshape({batch, features}), t_t.narrow(1, 0, batch));
   if (padded > batch) t_t.narrow(1, batch, padded - batch).zero_();
   return t_t;
 }
